@@ -1,0 +1,150 @@
+"""MotionCLIP: a frozen open_clip CLIP with the motion-prompt head."""
+
+from __future__ import annotations
+
+import collections
+import logging
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .communication import MultimodalCommunicationBlock
+from .config import HeadConfig
+from .motion import MotionModelingBlock
+from .prompts import MotionAwarePrompts
+
+logger = logging.getLogger("mpfast.model")
+
+_CLASS_CACHE_SIZE = 8
+
+
+def embedding_dim(clip: nn.Module) -> int:
+    """Width D of the joint image/text embedding of an open_clip model."""
+    visual = getattr(clip, "visual", None)
+    width = getattr(visual, "output_dim", None)
+    if isinstance(width, int):
+        return width
+    projection = getattr(clip, "text_projection", None)
+    if isinstance(projection, nn.Linear):
+        return projection.out_features
+    if isinstance(projection, Tensor):
+        return projection.shape[1]
+    raise ValueError("cannot tell the embedding width of this CLIP model: no visual.output_dim or text_projection")
+
+
+class MotionCLIP(nn.Module):
+    """Video classifier: frozen CLIP encoders plus a small trainable motion-prompt head.
+
+    Args:
+        clip: an open_clip model with ``encode_image`` and ``encode_text`` (frozen here).
+        config: head options; default :class:`HeadConfig`.
+        tokenizer: callable turning a list of strings into token ids for
+            ``clip.encode_text``; needed by :meth:`encode_classes`.
+
+    With the zero-initialised gates and residual scales, an untrained MotionCLIP gives
+    exactly the logits of CLIP zero-shot on mean-pooled frame embeddings.
+    """
+
+    def __init__(self, clip: nn.Module, config: HeadConfig | None = None, tokenizer: Callable | None = None):
+        super().__init__()
+        for method in ("encode_image", "encode_text"):
+            if not callable(getattr(clip, method, None)):
+                raise TypeError(f"clip must have an {method} method (an open_clip CLIP model), got {type(clip).__name__}")
+        self.config = config = config or HeadConfig()
+        self.clip = clip.eval().requires_grad_(False)
+        self.tokenizer = tokenizer
+        dim = embedding_dim(clip)
+        self.motion = MotionModelingBlock(dim, config.num_frames, config.strides, config.motion_ratio, config.norm_eps)
+        self.prompts = MotionAwarePrompts(dim, config.num_prompts, config.prompt_hidden)
+        self.communication = MultimodalCommunicationBlock(dim, config.num_heads)
+        self._class_cache: collections.OrderedDict = collections.OrderedDict()
+
+    @property
+    def dim(self) -> int:
+        return self.motion.position.shape[1]
+
+    def train(self, mode: bool = True) -> "MotionCLIP":
+        """Sets the head's mode; the frozen CLIP always stays in eval mode."""
+        super().train(mode)
+        self.clip.eval()
+        return self
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The head's parameters (the CLIP encoders are frozen)."""
+        return [p for name, p in self.named_parameters() if not name.startswith("clip.") and p.requires_grad]
+
+    def _head_dtype(self) -> torch.dtype:
+        return self.motion.gate.dtype
+
+    def encode_frames(self, video: Tensor) -> Tensor:
+        """Frozen CLIP frame embeddings: ``video [B, T, 3, H, W] -> [B, T, D]`` (no gradients)."""
+        if not isinstance(video, Tensor):
+            raise TypeError(f"video must be a torch.Tensor [B,T,3,H,W], got {type(video).__name__}")
+        if video.dim() != 5 or video.shape[2] != 3:
+            raise ValueError(f"video must have shape [B,T,3,H,W], got {tuple(video.shape)}")
+        if not video.is_floating_point():
+            raise TypeError(f"video must be a float tensor (transformed frames), got {video.dtype}")
+        batch, frames = video.shape[:2]
+        with torch.no_grad():
+            features = self.clip.encode_image(video.flatten(0, 1))
+        return features.view(batch, frames, -1).to(self._head_dtype())
+
+    def encode_video(self, video: Tensor) -> Tensor:
+        """Motion-aware video embedding ``[B, D]`` (unit norm), before the communication block."""
+        _, v, _ = self.motion(self.encode_frames(video))
+        return v
+
+    def encode_classes(self, class_names: Sequence[str]) -> Tensor:
+        """Class embeddings ``[C, D]`` from the prompt templates, cached per class list.
+
+        Each class embedding is the mean of the unit-norm text embeddings of its
+        templates. The frozen text encoder runs once per class list, device and dtype.
+        """
+        if isinstance(class_names, str) or not isinstance(class_names, Sequence) or not class_names:
+            raise ValueError(f"class_names must be a non-empty list of strings, got {class_names!r}")
+        if not all(isinstance(name, str) and name for name in class_names):
+            raise TypeError("class_names must contain non-empty strings")
+        if self.tokenizer is None:
+            raise RuntimeError("encode_classes needs a tokenizer: pass tokenizer= to MotionCLIP (open_clip.get_tokenizer)")
+        device = self.motion.gate.device
+        key = (tuple(class_names), self.config.templates, device, self._head_dtype())
+        cached = self._class_cache.get(key)
+        if cached is not None:
+            self._class_cache.move_to_end(key)
+            return cached
+        with torch.no_grad():
+            total = None
+            for template in self.config.templates:
+                tokens = self.tokenizer([template.format(name) for name in class_names]).to(device)
+                embedded = F.normalize(self.clip.encode_text(tokens).float(), dim=-1)
+                total = embedded if total is None else total + embedded
+            features = (total / len(self.config.templates)).to(self._head_dtype())
+        self._class_cache[key] = features
+        if len(self._class_cache) > _CLASS_CACHE_SIZE:
+            self._class_cache.popitem(last=False)
+        return features
+
+    def logit_scale(self) -> Tensor:
+        return self.clip.logit_scale.exp()
+
+    def forward_features(self, frames: Tensor, class_features: Tensor) -> Tensor:
+        """Logits ``[B, C]`` from frame embeddings ``[B, T, D]`` and class embeddings ``[C, D]``.
+
+        Use this with precomputed (cached) CLIP features; :meth:`forward` calls it.
+        """
+        if frames.dim() != 3 or frames.shape[-1] != self.dim:
+            raise ValueError(f"frames must have shape [B,T,D] with D={self.dim}, got {tuple(frames.shape)}")
+        if class_features.dim() != 2 or class_features.shape[-1] != self.dim:
+            raise ValueError(f"class_features must have shape [C,D] with D={self.dim}, got {tuple(class_features.shape)}")
+        u, v, mu = self.motion(frames)
+        prompts = self.prompts(mu)
+        text, video = self.communication(class_features, v, u, prompts)
+        logits = self.logit_scale() * torch.einsum("bd,bcd->bc", F.normalize(video, dim=-1), F.normalize(text, dim=-1))
+        bias = getattr(self.clip, "logit_bias", None)
+        return logits if bias is None else logits + bias
+
+    def forward(self, video: Tensor, class_names: Sequence[str]) -> Tensor:
+        """Classifies videos: ``video [B, T, 3, H, W]``, ``C`` class names -> logits ``[B, C]``."""
+        return self.forward_features(self.encode_frames(video), self.encode_classes(class_names))

@@ -1,0 +1,29 @@
+"""Dynamic prompts learner: Motion-Aware Prompts from the motion descriptor."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class MotionAwarePrompts(nn.Module):
+    """``P_b = P0 + reshape(W_2 GELU(W_1 mu_b))``: K prompt vectors per video.
+
+    Args:
+        dim: embedding width D.
+        num_prompts: K.
+        hidden: bottleneck width of the generator.
+    """
+
+    def __init__(self, dim: int, num_prompts: int = 8, hidden: int = 64):
+        super().__init__()
+        self.num_prompts = num_prompts
+        self.base = nn.Parameter(torch.randn(num_prompts, dim) * 0.02)
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, num_prompts * dim)
+
+    def forward(self, motion: Tensor) -> Tensor:
+        """``motion [B, D] -> prompts [B, K, D]``."""
+        offsets = self.fc2(F.gelu(self.fc1(motion)))
+        return self.base + offsets.view(motion.shape[0], self.num_prompts, -1)

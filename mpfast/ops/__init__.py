@@ -1,0 +1,26 @@
+"""The three hot ops of the MotionCLIP head, each a ``torch.library`` custom op.
+
+``temporal_diff``, ``motion_mix`` and ``prompt_attention`` dispatch to a backend
+(reference, triton, cpp, cuda) chosen per call; see :mod:`mpfast.ops._registry`.
+The ``*_ref`` functions are the plain-PyTorch specifications.
+"""
+
+from . import _backends  # noqa: F401  (registers the backends)
+from ._registry import BackendUnavailableError, available_backends, backend, requested_backend
+from .motion_mix import motion_mix, motion_mix_ref
+from .prompt_attention import prompt_attention, prompt_attention_ref
+from .temporal_diff import default_strides, temporal_diff, temporal_diff_ref
+
+__all__ = [
+    "BackendUnavailableError",
+    "available_backends",
+    "backend",
+    "default_strides",
+    "motion_mix",
+    "motion_mix_ref",
+    "prompt_attention",
+    "prompt_attention_ref",
+    "requested_backend",
+    "temporal_diff",
+    "temporal_diff_ref",
+]

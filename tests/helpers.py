@@ -1,0 +1,81 @@
+"""Comparing an op (any backend) with its float64 reference, forward and backward."""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+# Absolute floors added to the error bound, per dtype. For float64 the bound is
+# atol + rtol * max|ref|; for lower precisions it is 2 x what PyTorch's own reference
+# loses at that precision (measured in the same test) plus the floor.
+ATOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+RTOL64 = 1e-8
+DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
+
+
+def noncontiguous(t: Tensor) -> Tensor:
+    """Same values, last dimension with stride 2 (and so not contiguous)."""
+    big = t.new_zeros(*t.shape[:-1], 2 * t.shape[-1])
+    view = big[..., ::2]
+    view.copy_(t)
+    return view
+
+
+def _prepare(arg, dtype: torch.dtype, device: torch.device, make_noncontiguous: bool):
+    if not isinstance(arg, Tensor):
+        return arg
+    if not arg.is_floating_point():
+        return arg.to(device)
+    t = arg.detach().to(device=device, dtype=dtype)
+    if make_noncontiguous:
+        t = noncontiguous(t)
+    return t.requires_grad_()
+
+
+def _outputs_and_grads(fn: Callable, args: Sequence, grad_outputs: Sequence[Tensor]):
+    outputs = fn(*args)
+    outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+    leaves = [a for a in args if isinstance(a, Tensor) and a.requires_grad]
+    grads = torch.autograd.grad(outputs, leaves, [g.to(outputs[0].dtype) for g in grad_outputs])
+    return [o.detach() for o in outputs], [g.detach() for g in grads]
+
+
+def _max_err(a: Tensor, b: Tensor) -> float:
+    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+
+
+def compare_with_reference(op: Callable, ref: Callable, args: Sequence, dtype: torch.dtype, device: torch.device,
+                           make_noncontiguous: bool = False) -> None:
+    """Asserts that ``op`` matches ``ref`` (computed in float64) in values and gradients.
+
+    Args:
+        op: the public op under the backend being tested.
+        ref: the reference implementation (plain PyTorch, autograd for gradients).
+        args: arguments; float tensors (float64, CPU) are cast to ``dtype`` and become
+            differentiable, other values pass through.
+        make_noncontiguous: feed ``op`` non-contiguous copies of the float tensors.
+    """
+    args64 = [_prepare(a, torch.float64, device, False) for a in args]
+    outs64 = ref(*args64)
+    outs64 = outs64 if isinstance(outs64, tuple) else (outs64,)
+    grad_outputs = [torch.randn_like(o) for o in outs64]
+    ref_out, ref_grads = _outputs_and_grads(ref, args64, grad_outputs)
+
+    lowp_args = [_prepare(a, dtype, device, make_noncontiguous) for a in args]
+    out, grads = _outputs_and_grads(op, lowp_args, grad_outputs)
+    if dtype != torch.float64:
+        ref_lowp_out, ref_lowp_grads = _outputs_and_grads(ref, [_prepare(a, dtype, device, False) for a in args],
+                                                         grad_outputs)
+    names = [f"output {i}" for i in range(len(out))] + [f"grad {i}" for i in range(len(grads))]
+    for i, (name, got, want) in enumerate(zip(names, out + grads, ref_out + ref_grads)):
+        assert got.shape == want.shape, f"{name}: shape {tuple(got.shape)}, expected {tuple(want.shape)}"
+        assert got.dtype == dtype, f"{name}: dtype {got.dtype}, expected {dtype}"
+        err = _max_err(got, want)
+        if dtype == torch.float64:
+            bound = ATOL[dtype] + RTOL64 * (want.abs().max().item() if want.numel() else 0.0)
+        else:
+            torch_err = _max_err((ref_lowp_out + ref_lowp_grads)[i], want)
+            bound = 2 * torch_err + ATOL[dtype]
+        assert err <= bound, f"{name} ({dtype}): max error {err:.3g} > bound {bound:.3g}"
