@@ -29,10 +29,12 @@ class VideoTransform:
 
     def __init__(self, image_size: int, mean: Sequence[float] = OPENAI_MEAN, std: Sequence[float] = OPENAI_STD, train: bool = False):
         self.image_size, self.train = image_size, train
+        bicubic = v2.InterpolationMode.BICUBIC  # as open_clip's preprocessing
         if train:
-            spatial = [v2.RandomResizedCrop(image_size, scale=(0.6, 1.0), antialias=True), v2.RandomHorizontalFlip()]
+            spatial = [v2.RandomResizedCrop(image_size, scale=(0.9, 1.0), interpolation=bicubic, antialias=True),
+                       v2.RandomHorizontalFlip()]
         else:
-            spatial = [v2.Resize(image_size, antialias=True), v2.CenterCrop(image_size)]
+            spatial = [v2.Resize(image_size, interpolation=bicubic, antialias=True), v2.CenterCrop(image_size)]
         self.transform = v2.Compose([*spatial, v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))])
 
     def __call__(self, video: Tensor) -> Tensor:

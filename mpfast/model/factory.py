@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
+import urllib.parse
 from typing import Callable
 
 import open_clip
@@ -16,6 +18,29 @@ from .motion_clip import MotionCLIP
 logger = logging.getLogger("mpfast.model")
 
 _CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
+
+
+def _offline_message(model_name: str, pretrained: str, cause: str) -> str:
+    return (
+        f"could not download the pretrained weights {pretrained!r} of {model_name} ({cause}). "
+        f"If this machine is offline, download the checkpoint elsewhere and pass its path: "
+        f"create_model_and_transforms({model_name!r}, pretrained='/path/to/open_clip_model.safetensors') "
+        f"(or set HF_HUB_OFFLINE=1 to use weights already in the Hugging Face cache)"
+    )
+
+
+def _hub_unreachable() -> str | None:
+    """Why the model hub cannot be reached, if its host name does not even resolve."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return None  # open_clip then reads the local cache only and fails fast by itself
+    from huggingface_hub import constants
+
+    host = urllib.parse.urlparse(constants.ENDPOINT).hostname
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError as exc:
+        return f"cannot resolve {host}: {exc}"
+    return None
 
 
 def _looks_like_path(value: str) -> bool:
@@ -43,17 +68,17 @@ def create_clip(model_name: str, pretrained: str | None = None, device: str | to
             tags = open_clip.list_pretrained_tags_by_model(model_name)
             if pretrained not in tags:
                 raise ValueError(f"pretrained {pretrained!r} is neither a file nor a tag of {model_name}; tags: {tags}")
+            # Without this check the hub client retries for about a minute before failing.
+            reason = _hub_unreachable()
+            if reason:
+                raise RuntimeError(_offline_message(model_name, pretrained, reason))
     try:
         clip = open_clip.create_model(model_name, pretrained=pretrained, precision=precision, device=device,
                                       cache_dir=cache_dir)
     except Exception as exc:  # open_clip/huggingface_hub raise many types when offline
         if pretrained is None or os.path.isfile(pretrained):
             raise
-        raise RuntimeError(
-            f"could not download the pretrained weights {pretrained!r} of {model_name} ({type(exc).__name__}: {exc}). "
-            f"If this machine is offline, download the checkpoint elsewhere and pass its path: "
-            f"create_model_and_transforms({model_name!r}, pretrained='/path/to/open_clip_model.safetensors')"
-        ) from exc
+        raise RuntimeError(_offline_message(model_name, pretrained, f"{type(exc).__name__}: {exc}")) from exc
     visual = clip.visual
     size = visual.image_size
     size = size[0] if isinstance(size, (tuple, list)) else size
