@@ -108,6 +108,16 @@ def test_class_embeddings_are_cached(tiny, monkeypatch):
     assert calls == [3, 2]
 
 
+def test_trainable_text_side_is_recomputed_in_training(tiny):
+    model, *_ = tiny
+    model.clip.token_embedding.requires_grad_(True)
+    model.train()
+    first, second = model.encode_classes(CLASSES), model.encode_classes(CLASSES)
+    assert first is not second and first.requires_grad
+    model.eval()
+    assert model.encode_classes(CLASSES) is model.encode_classes(CLASSES)
+
+
 def test_template_ensemble(tiny_model_name):
     templates = ("a video of {}.", "someone doing {}.")
     model, _, _, tokenizer = mpfast.create_model_and_transforms(tiny_model_name, num_heads=4, templates=templates)

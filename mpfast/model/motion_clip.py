@@ -101,6 +101,8 @@ class MotionCLIP(nn.Module):
 
         Each class embedding is the mean of the unit-norm text embeddings of its
         templates. The frozen text encoder runs once per class list, device and dtype.
+        If the text side has been made trainable (some text-encoder parameter requires
+        grad) and the model is training, the embeddings are recomputed with gradients.
         """
         if isinstance(class_names, str) or not isinstance(class_names, Sequence) or not class_names:
             raise ValueError(f"class_names must be a non-empty list of strings, got {class_names!r}")
@@ -108,23 +110,31 @@ class MotionCLIP(nn.Module):
             raise TypeError("class_names must contain non-empty strings")
         if self.tokenizer is None:
             raise RuntimeError("encode_classes needs a tokenizer: pass tokenizer= to MotionCLIP (open_clip.get_tokenizer)")
-        device = self.motion.gate.device
-        key = (tuple(class_names), self.config.templates, device, self._head_dtype())
+        if self.training and self._text_trainable():
+            return self._encode_classes(class_names)
+        key = (tuple(class_names), self.config.templates, self.motion.gate.device, self._head_dtype())
         cached = self._class_cache.get(key)
         if cached is not None:
             self._class_cache.move_to_end(key)
             return cached
         with torch.no_grad():
-            total = None
-            for template in self.config.templates:
-                tokens = self.tokenizer([template.format(name) for name in class_names]).to(device)
-                embedded = F.normalize(self.clip.encode_text(tokens).float(), dim=-1)
-                total = embedded if total is None else total + embedded
-            features = (total / len(self.config.templates)).to(self._head_dtype())
+            features = self._encode_classes(class_names)
         self._class_cache[key] = features
         if len(self._class_cache) > _CLASS_CACHE_SIZE:
             self._class_cache.popitem(last=False)
         return features
+
+    def _text_trainable(self) -> bool:
+        return any(p.requires_grad for name, p in self.clip.named_parameters()
+                   if not name.startswith("visual.") and name not in ("logit_scale", "logit_bias"))
+
+    def _encode_classes(self, class_names: Sequence[str]) -> Tensor:
+        total = None
+        for template in self.config.templates:
+            tokens = self.tokenizer([template.format(name) for name in class_names]).to(self.motion.gate.device)
+            embedded = F.normalize(self.clip.encode_text(tokens).float(), dim=-1)
+            total = embedded if total is None else total + embedded
+        return (total / len(self.config.templates)).to(self._head_dtype())
 
     def logit_scale(self) -> Tensor:
         return self.clip.logit_scale.exp()
