@@ -1,0 +1,26 @@
+"""The mpfast command and python -m mpfast.info, as a user runs them."""
+
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+
+def test_info_module_lists_versions_and_backends():
+    out = subprocess.run([sys.executable, "-m", "mpfast.info"], capture_output=True, text=True, check=True).stdout
+    for line in ("torch ", "triton ", "backends for cpu tensors:", "reference  available", "cuda       unavailable"):
+        assert line in out
+
+
+@pytest.mark.skipif(shutil.which("mpfast") is None, reason="console script not installed (pip install -e .)")
+def test_console_script():
+    out = subprocess.run(["mpfast", "--help"], capture_output=True, text=True, check=True).stdout
+    assert "info" in out
+    out = subprocess.run(["mpfast", "info"], capture_output=True, text=True, check=True).stdout
+    assert "backends for cpu tensors:" in out
+
+
+def test_unknown_command_fails_clearly():
+    result = subprocess.run([sys.executable, "-m", "mpfast", "frobnicate"], capture_output=True, text=True)
+    assert result.returncode == 2 and "invalid choice: 'frobnicate'" in result.stderr
