@@ -1,0 +1,251 @@
+"""Triton kernels of ``motion_mix``: gated two-stream sum, temporal mean, L2 norm, motion mean.
+
+Design: one program per video ``b`` (the L2 norm needs the whole width ``D``). The
+width is tiled in blocks of ``BLOCK_D``; all ``S`` streams of a block are one
+``[BLOCK_S, BLOCK_D]`` tile, so ``tanh(gate)`` is computed once per block and each
+frame ``t`` costs one read of ``h`` and one of ``m``.
+
+* Forward, one pass over ``h`` and ``m``: writes ``u``, ``mu`` and the unnormalised
+  temporal mean into a float32 (float64) ``[B, D]`` workspace while summing its
+  squares; a second loop over the workspace writes ``v``.
+* Backward: a first pass recomputes the temporal mean (``pooled``), its norm and
+  ``v . grad_v``; a second pass writes ``grad_h``, ``grad_m`` and the per-video gate
+  gradient ``(1 - tanh^2) * sum_t grad_h * m`` into a float32 ``[B, S, D]`` workspace,
+  which one ``sum`` over the batch reduces (deterministic, no atomics).
+
+Limits: ``S`` (streams) is at most ``MAX_STREAMS``; ``tanh`` is built from ``exp``
+(the interpreter has no libdevice), exact to a few ulps. All accumulation is in
+float32 (float64 for float64 inputs).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from mpfast.ops._common import new_output
+from mpfast.ops.motion_mix import EPS
+
+from ._utils import acc_dtype, acc_torch_dtype, device_reasons
+
+MAX_STREAMS = 64
+MAX_BLOCK_D = 512
+_EPS = tl.constexpr(EPS)
+
+
+@triton.jit
+def _tanh(x):
+    # Odd Taylor series near 0 (where 1 - exp(-2|x|) cancels), the exp form elsewhere.
+    ax = tl.abs(x)
+    e = tl.exp(-2.0 * ax)
+    far = (1.0 - e) / (1.0 + e)
+    x2 = ax * ax
+    near = ax * (1.0 + x2 * (-1.0 / 3.0 + x2 * (2.0 / 15.0 + x2 * (-17.0 / 315.0 + x2 * (62.0 / 2835.0)))))
+    t = tl.where(ax < 0.03, near, far)
+    return tl.where(x < 0, -t, t)
+
+
+@triton.jit
+def _motion_mix_fwd_kernel(
+    h_ptr, stride_hb, stride_ht, stride_hd,
+    m_ptr, stride_mb, stride_ms, stride_mt, stride_md,
+    gate_ptr, stride_gs, stride_gd,
+    u_ptr, stride_ub, stride_ut, stride_ud,
+    v_ptr, stride_vb, stride_vd,
+    mu_ptr, stride_mub, stride_mud,
+    pooled_ptr, stride_pb,
+    S, T, D,
+    ACC: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    streams = tl.arange(0, BLOCK_S)
+    stream_ok = streams < S
+    sum_sq = tl.zeros([BLOCK_D], dtype=ACC)
+    for d0 in range(0, D, BLOCK_D):
+        dims = d0 + tl.arange(0, BLOCK_D)
+        dim_ok = dims < D
+        tile_ok = stream_ok[:, None] & dim_ok[None, :]
+        gate = tl.load(gate_ptr + streams[:, None] * stride_gs + dims[None, :] * stride_gd, mask=tile_ok, other=0.0)
+        a = _tanh(gate.to(ACC))
+        h_row = h_ptr + b * stride_hb + dims * stride_hd
+        m_tile = m_ptr + b * stride_mb + streams[:, None] * stride_ms + dims[None, :] * stride_md
+        u_row = u_ptr + b * stride_ub + dims * stride_ud
+        pooled = tl.zeros([BLOCK_D], dtype=ACC)
+        motion = tl.zeros([BLOCK_D], dtype=ACC)
+        for _ in range(T):
+            h = tl.load(h_row, mask=dim_ok, other=0.0).to(ACC)
+            m = tl.load(m_tile, mask=tile_ok, other=0.0).to(ACC)
+            u = h + tl.sum(a * m, axis=0)
+            tl.store(u_row, u.to(u_ptr.dtype.element_ty), mask=dim_ok)
+            pooled += u
+            motion += tl.sum(m, axis=0)
+            h_row += stride_ht
+            m_tile += stride_mt
+            u_row += stride_ut
+        pooled = pooled / T
+        sum_sq += pooled * pooled
+        tl.store(mu_ptr + b * stride_mub + dims * stride_mud, (motion / (S * T)).to(mu_ptr.dtype.element_ty),
+                 mask=dim_ok)
+        tl.store(pooled_ptr + b * stride_pb + dims, pooled, mask=dim_ok)
+    inv_norm = 1.0 / tl.maximum(tl.sqrt(tl.sum(sum_sq, axis=0)), _EPS)
+    tl.debug_barrier()
+    for d0 in range(0, D, BLOCK_D):
+        dims = d0 + tl.arange(0, BLOCK_D)
+        dim_ok = dims < D
+        pooled = tl.load(pooled_ptr + b * stride_pb + dims, mask=dim_ok, other=0.0)
+        tl.store(v_ptr + b * stride_vb + dims * stride_vd, (pooled * inv_norm).to(v_ptr.dtype.element_ty), mask=dim_ok)
+
+
+@triton.jit
+def _motion_mix_bwd_kernel(
+    grad_u_ptr, stride_gub, stride_gut, stride_gud,
+    grad_v_ptr, stride_gvb, stride_gvd,
+    grad_mu_ptr, stride_gmub, stride_gmud,
+    h_ptr, stride_hb, stride_ht, stride_hd,
+    m_ptr, stride_mb, stride_ms, stride_mt, stride_md,
+    gate_ptr, stride_gs, stride_gd,
+    grad_h_ptr, stride_ghb, stride_ght, stride_ghd,
+    grad_m_ptr, stride_gmb, stride_gms, stride_gmt, stride_gmd,
+    grad_gate_ptr, stride_ggb, stride_ggs,
+    pooled_ptr, stride_pb,
+    S, T, D,
+    ACC: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    streams = tl.arange(0, BLOCK_S)
+    stream_ok = streams < S
+
+    # Pass 1: the temporal mean, its squared norm and its dot product with grad_v.
+    sum_sq = tl.zeros([BLOCK_D], dtype=ACC)
+    dot = tl.zeros([BLOCK_D], dtype=ACC)
+    for d0 in range(0, D, BLOCK_D):
+        dims = d0 + tl.arange(0, BLOCK_D)
+        dim_ok = dims < D
+        tile_ok = stream_ok[:, None] & dim_ok[None, :]
+        gate = tl.load(gate_ptr + streams[:, None] * stride_gs + dims[None, :] * stride_gd, mask=tile_ok, other=0.0)
+        a = _tanh(gate.to(ACC))
+        h_row = h_ptr + b * stride_hb + dims * stride_hd
+        m_tile = m_ptr + b * stride_mb + streams[:, None] * stride_ms + dims[None, :] * stride_md
+        h_sum = tl.zeros([BLOCK_D], dtype=ACC)
+        m_sum = tl.zeros([BLOCK_S, BLOCK_D], dtype=ACC)
+        for _ in range(T):
+            h_sum += tl.load(h_row, mask=dim_ok, other=0.0).to(ACC)
+            m_sum += tl.load(m_tile, mask=tile_ok, other=0.0).to(ACC)
+            h_row += stride_ht
+            m_tile += stride_mt
+        pooled = (h_sum + tl.sum(a * m_sum, axis=0)) / T
+        grad_v = tl.load(grad_v_ptr + b * stride_gvb + dims * stride_gvd, mask=dim_ok, other=0.0).to(ACC)
+        sum_sq += pooled * pooled
+        dot += pooled * grad_v
+        tl.store(pooled_ptr + b * stride_pb + dims, pooled, mask=dim_ok)
+    norm = tl.sqrt(tl.sum(sum_sq, axis=0))
+    inv_norm = 1.0 / tl.maximum(norm, _EPS)
+    v_dot_grad_v = tl.sum(dot, axis=0) * inv_norm
+    tl.debug_barrier()
+
+    # Pass 2: grad_h, grad_m and this video's share of grad_gate.
+    for d0 in range(0, D, BLOCK_D):
+        dims = d0 + tl.arange(0, BLOCK_D)
+        dim_ok = dims < D
+        tile_ok = stream_ok[:, None] & dim_ok[None, :]
+        gate = tl.load(gate_ptr + streams[:, None] * stride_gs + dims[None, :] * stride_gd, mask=tile_ok, other=0.0)
+        a = _tanh(gate.to(ACC))
+        pooled = tl.load(pooled_ptr + b * stride_pb + dims, mask=dim_ok, other=0.0)
+        grad_v = tl.load(grad_v_ptr + b * stride_gvb + dims * stride_gvd, mask=dim_ok, other=0.0).to(ACC)
+        if norm > _EPS:
+            grad_pooled = (grad_v - pooled * inv_norm * v_dot_grad_v) * inv_norm
+        else:
+            grad_pooled = grad_v / _EPS
+        grad_mean = grad_pooled / T
+        grad_mu = tl.load(grad_mu_ptr + b * stride_gmub + dims * stride_gmud, mask=dim_ok, other=0.0).to(ACC)
+        grad_mu = grad_mu / (S * T)
+        grad_u_row = grad_u_ptr + b * stride_gub + dims * stride_gud
+        grad_h_row = grad_h_ptr + b * stride_ghb + dims * stride_ghd
+        m_tile = m_ptr + b * stride_mb + streams[:, None] * stride_ms + dims[None, :] * stride_md
+        grad_m_tile = grad_m_ptr + b * stride_gmb + streams[:, None] * stride_gms + dims[None, :] * stride_gmd
+        grad_gate = tl.zeros([BLOCK_S, BLOCK_D], dtype=ACC)
+        for _ in range(T):
+            grad_h = tl.load(grad_u_row, mask=dim_ok, other=0.0).to(ACC) + grad_mean
+            tl.store(grad_h_row, grad_h.to(grad_h_ptr.dtype.element_ty), mask=dim_ok)
+            grad_m = a * grad_h[None, :] + grad_mu[None, :]
+            tl.store(grad_m_tile, grad_m.to(grad_m_ptr.dtype.element_ty), mask=tile_ok)
+            m = tl.load(m_tile, mask=tile_ok, other=0.0).to(ACC)
+            grad_gate += grad_h[None, :] * m
+            grad_u_row += stride_gut
+            grad_h_row += stride_ght
+            grad_m_tile += stride_gmt
+            m_tile += stride_mt
+        tl.store(grad_gate_ptr + b * stride_ggb + streams[:, None] * stride_ggs + dims[None, :],
+                 (1.0 - a * a) * grad_gate, mask=tile_ok)
+
+
+def _launch_config(streams: int, dim: int) -> tuple[int, int, int]:
+    """``(BLOCK_S, BLOCK_D, num_warps)``: every stream in one tile, the width in blocks."""
+    block_s = triton.next_power_of_2(streams)
+    block_d = min(triton.next_power_of_2(dim), max(16, MAX_BLOCK_D // block_s))
+    return block_s, block_d, max(1, min(8, block_s * block_d // 256))
+
+
+def motion_mix_fwd(h: torch.Tensor, m: torch.Tensor, gate: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``h [B,T,D], m [B,S,T,D], gate [S,D] -> (u [B,T,D], v [B,D], mu [B,D])``."""
+    batch, streams, frames, dim = m.shape
+    u = new_output(h.shape, h)
+    v = new_output((batch, dim), h)
+    mu = new_output((batch, dim), h)
+    if u.numel() == 0:
+        return u, v, mu
+    pooled = torch.empty((batch, dim), dtype=acc_torch_dtype(h.dtype), device=h.device)
+    block_s, block_d, warps = _launch_config(streams, dim)
+    _motion_mix_fwd_kernel[(batch,)](
+        h, *h.stride(),
+        m, *m.stride(),
+        gate, *gate.stride(),
+        u, *u.stride(),
+        v, *v.stride(),
+        mu, *mu.stride(),
+        pooled, pooled.stride(0),
+        streams, frames, dim,
+        ACC=acc_dtype(h.dtype), BLOCK_S=block_s, BLOCK_D=block_d, num_warps=warps,
+    )
+    return u, v, mu
+
+
+def motion_mix_bwd(grad_u: torch.Tensor, grad_v: torch.Tensor, grad_mu: torch.Tensor, h: torch.Tensor,
+                   m: torch.Tensor, gate: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns ``(grad_h [B,T,D], grad_m [B,S,T,D], grad_gate [S,D])``; grads may be strided or expanded."""
+    batch, streams, frames, dim = m.shape
+    grad_h = new_output(h.shape, h)
+    grad_m = new_output(m.shape, m)
+    grad_gate = new_output(gate.shape, gate)
+    if grad_h.numel() == 0:
+        grad_gate.zero_()
+        return grad_h, grad_m, grad_gate
+    work_dtype = acc_torch_dtype(h.dtype)
+    pooled = torch.empty((batch, dim), dtype=work_dtype, device=h.device)
+    gate_partial = torch.empty((batch, streams, dim), dtype=work_dtype, device=h.device)
+    block_s, block_d, warps = _launch_config(streams, dim)
+    _motion_mix_bwd_kernel[(batch,)](
+        grad_u, *grad_u.stride(),
+        grad_v, *grad_v.stride(),
+        grad_mu, *grad_mu.stride(),
+        h, *h.stride(),
+        m, *m.stride(),
+        gate, *gate.stride(),
+        grad_h, *grad_h.stride(),
+        grad_m, *grad_m.stride(),
+        gate_partial, gate_partial.stride(0), gate_partial.stride(1),
+        pooled, pooled.stride(0),
+        streams, frames, dim,
+        ACC=acc_dtype(h.dtype), BLOCK_S=block_s, BLOCK_D=block_d, num_warps=warps,
+    )
+    grad_gate.copy_(gate_partial.sum(0))
+    return grad_h, grad_m, grad_gate
+
+
+def motion_mix_supports(h: torch.Tensor, m: torch.Tensor, gate: torch.Tensor) -> list[str]:
+    """Reasons these forward arguments cannot run on the Triton kernels."""
+    reasons = device_reasons(h=h, m=m, gate=gate)
+    if m.dim() == 4 and m.shape[1] > MAX_STREAMS:
+        reasons.append(f"triton motion_mix takes at most {MAX_STREAMS} motion streams, m has S={m.shape[1]}")
+    return reasons

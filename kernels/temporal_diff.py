@@ -1,0 +1,146 @@
+"""Triton kernels of ``temporal_diff``: multi-stride frame differencing, forward and backward.
+
+Design: the trailing feature dimensions ``*F`` are collapsed into one (a view; only a
+layout that cannot be viewed that way is copied) and tiled in blocks of ``BLOCK_F``.
+One program handles one frame ``(b, t)`` and one feature block for every stride at
+once: it reads ``x[b, t]`` once, then for each stride ``k`` reads ``x[b, t + k]`` and
+writes ``out[b, s, t]`` (zeros where ``t + k >= T``), so every output element is
+written exactly once. The backward gathers, per frame, ``+grad[b, s, t - k]`` (where
+``t >= k``) and ``-grad[b, s, t]`` (where ``t + k < T``) over all strides in one pass.
+The grid is one-dimensional (feature block fastest), so any ``B * T * F`` fits.
+
+Limits: strides live in a small int32 table on the device (made once per stride list
+and device); strides at or beyond ``T`` are clamped to ``T`` (they give zeros either
+way). Differences and sums are computed in float32 (float64 for float64 inputs).
+Offsets are 64-bit throughout.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from mpfast.ops._common import new_output
+
+from ._utils import acc_dtype, device_reasons, flatten_features, int_table
+
+MAX_BLOCK_F = 2048
+
+
+@triton.jit
+def _temporal_diff_fwd_kernel(
+    x_ptr, stride_xb, stride_xt, stride_xf,
+    out_ptr, stride_ob, stride_os, stride_ot, stride_of,
+    strides_ptr,
+    S, T, F,
+    ACC: tl.constexpr, BLOCK_F: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    num_f_blocks = tl.cdiv(F, BLOCK_F)
+    f_block = pid % num_f_blocks
+    frame = pid // num_f_blocks
+    t = frame % T
+    b = frame // T
+    offs = f_block * BLOCK_F + tl.arange(0, BLOCK_F)
+    in_range = offs < F
+
+    x_row = x_ptr + b * stride_xb + offs * stride_xf
+    x_t = tl.load(x_row + t * stride_xt, mask=in_range, other=0.0).to(ACC)
+    out_row = out_ptr + b * stride_ob + t * stride_ot + offs * stride_of
+    for s in range(S):
+        k = tl.load(strides_ptr + s).to(tl.int64)
+        valid = t + k < T
+        x_next = tl.load(x_row + (t + k) * stride_xt, mask=in_range & valid, other=0.0).to(ACC)
+        diff = tl.where(valid, x_next - x_t, 0.0)
+        tl.store(out_row + s * stride_os, diff.to(out_ptr.dtype.element_ty), mask=in_range)
+
+
+@triton.jit
+def _temporal_diff_bwd_kernel(
+    grad_ptr, stride_gb, stride_gs, stride_gt, stride_gf,
+    grad_x_ptr, stride_xb, stride_xt, stride_xf,
+    strides_ptr,
+    S, T, F,
+    ACC: tl.constexpr, BLOCK_F: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    num_f_blocks = tl.cdiv(F, BLOCK_F)
+    f_block = pid % num_f_blocks
+    frame = pid // num_f_blocks
+    t = frame % T
+    b = frame // T
+    offs = f_block * BLOCK_F + tl.arange(0, BLOCK_F)
+    in_range = offs < F
+
+    grad_row = grad_ptr + b * stride_gb + offs * stride_gf
+    total = tl.zeros([BLOCK_F], dtype=ACC)
+    for s in range(S):
+        k = tl.load(strides_ptr + s).to(tl.int64)
+        # x[b, t] is the minuend of out[b, s, t - k] and the subtrahend of out[b, s, t].
+        as_next = t >= k
+        as_prev = t + k < T
+        g_next = tl.load(grad_row + s * stride_gs + (t - k) * stride_gt, mask=in_range & as_next, other=0.0)
+        g_prev = tl.load(grad_row + s * stride_gs + t * stride_gt, mask=in_range & as_prev, other=0.0)
+        total += g_next.to(ACC) - g_prev.to(ACC)
+    tl.store(grad_x_ptr + b * stride_xb + t * stride_xt + offs * stride_xf,
+             total.to(grad_x_ptr.dtype.element_ty), mask=in_range)
+
+
+def _launch_config(num_features: int) -> tuple[int, int]:
+    """``(BLOCK_F, num_warps)`` for a feature size: whole rows up to ``MAX_BLOCK_F``."""
+    block = min(triton.next_power_of_2(max(num_features, 1)), MAX_BLOCK_F)
+    return block, max(1, min(8, block // 256))
+
+
+def _table(strides: Sequence[int], frames: int, device: torch.device) -> torch.Tensor:
+    return int_table(tuple(min(int(k), frames) for k in strides), device)
+
+
+def temporal_diff_fwd(x: torch.Tensor, strides: Sequence[int]) -> torch.Tensor:
+    """``x [B, T, *F] -> [B, S, T, *F]``, ``out[:, s, t] = x[:, t + k_s] - x[:, t]`` (0 past the end)."""
+    batch, frames = x.shape[:2]
+    out = new_output((batch, len(strides), *x.shape[1:]), x)
+    if out.numel() == 0:
+        return out
+    x3 = flatten_features(x, 2)
+    out4 = out.view(batch, len(strides), frames, -1)
+    num_features = x3.shape[2]
+    block, warps = _launch_config(num_features)
+    grid = (batch * frames * triton.cdiv(num_features, block),)
+    _temporal_diff_fwd_kernel[grid](
+        x3, *x3.stride(),
+        out4, *out4.stride(),
+        _table(strides, frames, x.device),
+        len(strides), frames, num_features,
+        ACC=acc_dtype(x.dtype), BLOCK_F=block, num_warps=warps,
+    )
+    return out
+
+
+def temporal_diff_bwd(grad: torch.Tensor, strides: Sequence[int]) -> torch.Tensor:
+    """``grad [B, S, T, *F] -> grad_x [B, T, *F]`` (``grad`` may be strided or expanded)."""
+    batch, frames = grad.shape[0], grad.shape[2]
+    grad_x = new_output((batch, *grad.shape[2:]), grad)
+    if grad_x.numel() == 0:
+        return grad_x
+    grad4 = flatten_features(grad, 3)
+    grad_x3 = grad_x.view(batch, frames, -1)
+    num_features = grad4.shape[3]
+    block, warps = _launch_config(num_features)
+    grid = (batch * frames * triton.cdiv(num_features, block),)
+    _temporal_diff_bwd_kernel[grid](
+        grad4, *grad4.stride(),
+        grad_x3, *grad_x3.stride(),
+        _table(strides, frames, grad.device),
+        len(strides), frames, num_features,
+        ACC=acc_dtype(grad.dtype), BLOCK_F=block, num_warps=warps,
+    )
+    return grad_x
+
+
+def temporal_diff_supports(x: torch.Tensor, strides: Sequence[int]) -> list[str]:
+    """Reasons these forward arguments cannot run on the Triton kernels (none so far beyond devices)."""
+    return device_reasons(x=x)
