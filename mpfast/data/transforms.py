@@ -1,0 +1,89 @@
+"""Multi-view clip transforms on uint8 frame batches, matching open_clip preprocessing.
+
+Evaluation resizes the short side to ``S`` and takes one centre crop (the same as
+:class:`mpfast.transforms.VideoTransform` with ``train=False``) or three ``S x S`` crops
+along the long side (start, centre, end). Training takes one random resized crop and,
+optionally, a horizontal flip (turn it off when left/right is part of the label).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import torch
+from torch import Tensor
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
+
+from ..transforms import OPENAI_MEAN, OPENAI_STD
+
+
+@dataclasses.dataclass(frozen=True)
+class ClipTransform:
+    """uint8 ``[T, H, W, 3]`` -> float32 ``[crops, T, 3, S, S]`` normalised frames.
+
+    Args:
+        image_size: S. mean, std: per-channel normalisation (the model's).
+        train: one random resized crop (+ flip) when True; else ``crops`` fixed crops.
+        crops: 1 (centre) or 3 (start/centre/end of the long side); evaluation only.
+        flip: random horizontal flip when training.
+        scale: area range of the random resized crop.
+    """
+
+    image_size: int
+    mean: tuple[float, ...] = OPENAI_MEAN
+    std: tuple[float, ...] = OPENAI_STD
+    train: bool = False
+    crops: int = 1
+    flip: bool = True
+    scale: tuple[float, float] = (0.6, 1.0)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.image_size, bool) or not isinstance(self.image_size, int) or self.image_size < 1:
+            raise ValueError(f"image_size must be a positive int, got {self.image_size!r}")
+        if self.crops not in (1, 3):
+            raise ValueError(f"crops must be 1 or 3, got {self.crops!r}")
+        if self.train and self.crops != 1:
+            raise ValueError("crops must be 1 when train=True (one random crop per clip)")
+        object.__setattr__(self, "mean", tuple(float(m) for m in self.mean))
+        object.__setattr__(self, "std", tuple(float(s) for s in self.std))
+        object.__setattr__(self, "scale", tuple(float(s) for s in self.scale))
+
+    @property
+    def num_views(self) -> int:
+        return 1 if self.train else self.crops
+
+    def describe(self) -> dict:
+        """Everything that changes the output, as plain JSON values (used in cache keys)."""
+        return dataclasses.asdict(self)
+
+    def __call__(self, frames: Tensor | Sequence) -> Tensor:
+        if not isinstance(frames, Tensor):
+            frames = torch.as_tensor(frames)
+        if frames.dim() != 4 or frames.shape[-1] != 3:
+            raise ValueError(f"frames must be a tensor [T,H,W,3], got shape {tuple(frames.shape)}")
+        if frames.dtype != torch.uint8:
+            raise TypeError(f"frames must be uint8 (decoded video), got {frames.dtype}")
+        video = frames.permute(0, 3, 1, 2)  # [T,3,H,W], a view
+        size = self.image_size
+        if self.train:
+            top, left, height, width = v2.RandomResizedCrop.get_params(video, scale=list(self.scale), ratio=[3 / 4, 4 / 3])
+            views = [TF.resized_crop(video, top, left, height, width, [size, size], antialias=True)]
+            if self.flip and torch.rand(()) < 0.5:
+                views[0] = views[0].flip(-1)
+        else:
+            resized = TF.resize(video, size, antialias=True)
+            height, width = resized.shape[-2:]
+            if self.crops == 1:
+                views = [TF.center_crop(resized, [size, size])]
+            else:
+                views = []
+                for fraction in (0.0, 0.5, 1.0):
+                    top = int(round((height - size) * fraction)) if height > width else (height - size) // 2
+                    left = int(round((width - size) * fraction)) if width >= height else (width - size) // 2
+                    views.append(TF.crop(resized, top, left, size, size))
+        out = torch.stack(views).to(torch.float32).div_(255.0)
+        mean = torch.tensor(self.mean).view(1, 1, 3, 1, 1)
+        std = torch.tensor(self.std).view(1, 1, 3, 1, 1)
+        return out.sub_(mean).div_(std)

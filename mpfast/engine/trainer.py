@@ -1,0 +1,360 @@
+"""Training and evaluation of the MotionCLIP head.
+
+Only ``model.trainable_parameters()`` are optimised (AdamW, linear warm-up then cosine
+decay, optional AMP and gradient clipping), with cross-entropy over the class logits.
+Batches come from cached features (:class:`mpfast.engine.cache.FeatureDataset`, the
+fast path) or from videos decoded and encoded every step
+(:class:`mpfast.data.VideoDataset`). Progress shows on a tqdm bar with ETA and running
+metrics; metrics go to a JSONL log; resumable checkpoints are written atomically.
+
+Determinism: the epoch's sample order comes from ``DistributedSampler(seed, epoch)``
+and each sample's random choices from ``(seed, epoch, index)``, so a resumed run skips
+the batches already done and continues exactly as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import os
+import time
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch.optim.lr_scheduler import LambdaLR
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from ..data.dataset import BrokenVideoLog, VideoDataset, collate_videos
+from ..data.protocols import average_views, classification_metrics
+from ..model import MotionCLIP
+from . import distributed
+from .cache import FeatureDataset, collate_features
+from .checkpoint import load_checkpoint, load_head, load_optimizer, restore_rng, save_checkpoint, trainable_module_names
+
+logger = logging.getLogger("mpfast.engine")
+
+AMP_MODES = ("none", "bf16", "fp16")
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Options of :class:`Trainer`."""
+
+    epochs: int = 10  # passes over the training set
+    batch_size: int = 32  # global batch: split evenly over the processes
+    lr: float = 1e-3  # peak learning rate of AdamW
+    weight_decay: float = 0.05  # AdamW weight decay
+    warmup_steps: int = 0  # linear warm-up steps from 0 to lr
+    min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio at the last step
+    amp: str = "none"  # autocast dtype of the head: "none", "bf16" or "fp16" (CUDA only)
+    grad_clip: float = 1.0  # max gradient norm; 0 turns clipping off
+    seed: int = 0  # seed of the sample order and the per-sample randomness
+    log_every: int = 10  # steps between JSONL/progress updates
+    checkpoint_every: int = 0  # steps between checkpoints (0: at the end of each epoch only)
+    num_workers: int = 0  # DataLoader workers
+    progress: bool = True  # show a tqdm progress bar (rank 0)
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        for name in ("warmup_steps", "log_every", "checkpoint_every", "num_workers"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+        if not self.lr > 0 or self.weight_decay < 0 or self.grad_clip < 0 or not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError("need lr > 0, weight_decay >= 0, grad_clip >= 0 and 0 <= min_lr_ratio <= 1")
+        if self.amp not in AMP_MODES:
+            raise ValueError(f"amp must be one of {AMP_MODES}, got {self.amp!r}")
+
+
+class WarmupCosine:
+    """Learning-rate factor: linear warm-up over ``warmup`` steps, then cosine to ``floor``."""
+
+    def __init__(self, warmup: int, total: int, floor: float = 0.0):
+        self.warmup, self.total, self.floor = warmup, max(total, 1), floor
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return (step + 1) / (self.warmup + 1)
+        progress = min(1.0, (step - self.warmup) / max(1, self.total - self.warmup))
+        return self.floor + (1 - self.floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _collate_for(dataset: Dataset):
+    return collate_features if isinstance(dataset, FeatureDataset) else collate_videos
+
+
+def _autocast(device: torch.device, amp: str):
+    if amp == "none":
+        return contextlib.nullcontext()
+    if amp == "fp16" and device.type != "cuda":
+        raise ValueError("amp='fp16' needs a CUDA device; use 'bf16' on CPU")
+    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+def batch_logits(model: MotionCLIP, batch: dict, class_features: torch.Tensor, device: torch.device,
+                 amp: str = "none") -> torch.Tensor:
+    """Logits ``[B, C]`` of a batch of cached features ``[B, V, T, D]`` or videos
+    ``[B, V, T, 3, S, S]``; the V views' logits are averaged."""
+    if batch.get("features") is not None:
+        features = batch["features"].to(device)
+    else:
+        video = batch["video"].to(device)
+        features = model.encode_frames(video.flatten(0, 1)).view(*video.shape[:3], -1)
+    views = features.shape[1]
+    with _autocast(device, amp):
+        logits = model.forward_features(features.flatten(0, 1), class_features)
+    return average_views(logits.float(), views)
+
+
+def _has_rows(batch: dict) -> bool:
+    return batch.get("features") is not None or batch.get("video") is not None
+
+
+@torch.no_grad()
+def evaluate(model: MotionCLIP, dataset: Dataset, class_names: Sequence[str], *, batch_size: int = 32,
+             device: str | torch.device = "cpu", amp: str = "none", num_workers: int = 0,
+             progress: bool = False) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor]:
+    """Scores a dataset (all its views, logits averaged); shares the work under torch.distributed.
+
+    Returns:
+        ``(metrics, logits [N_ok, C], labels [N_ok])`` with ``metrics`` = top1, top5,
+        mean_class_accuracy, count and ``skipped`` (videos the policy dropped).
+    """
+    device = torch.device(device)
+    model.eval()
+    class_features = model.encode_classes(list(class_names))
+    sampler = DistributedSampler(dataset, num_replicas=distributed.world_size(), rank=distributed.rank(), shuffle=False)
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                        collate_fn=_collate_for(dataset))
+    if progress and distributed.rank() == 0:
+        from tqdm.auto import tqdm
+        loader = tqdm(loader, desc="evaluating", unit="batch", dynamic_ncols=True)
+    broken = BrokenVideoLog()
+    all_logits, all_labels, all_indices, failed = [], [], [], []
+    for batch in loader:
+        broken.update(batch)
+        failed += [index for index, _ in batch["failed"]]
+        if not _has_rows(batch):
+            continue
+        all_logits.append(batch_logits(model, batch, class_features, device, amp).cpu())
+        all_labels.append(batch["label"])
+        all_indices.append(batch["index"])
+    width = class_features.shape[0]
+    logits = torch.cat(all_logits) if all_logits else torch.zeros(0, width)
+    labels = torch.cat(all_labels) if all_labels else torch.zeros(0, dtype=torch.long)
+    indices = torch.cat(all_indices) if all_indices else torch.zeros(0, dtype=torch.long)
+    logits, labels, indices = (distributed.gather_rows(t.to(device)).cpu() for t in (logits, labels, indices))
+    failed_all = distributed.gather_rows(torch.tensor(failed, dtype=torch.long, device=device)).cpu()
+    order = torch.argsort(indices, stable=True)
+    indices, logits, labels = indices[order], logits[order], labels[order]
+    keep = torch.ones_like(indices, dtype=torch.bool)
+    keep[1:] = indices[1:] != indices[:-1]  # the sampler pads with repeats
+    logits, labels = logits[keep], labels[keep]
+    broken.report()
+    if logits.shape[0] == 0:
+        raise RuntimeError("no video of the evaluation set could be read")
+    metrics = classification_metrics(logits, labels, len(class_names))
+    metrics["skipped"] = int(torch.unique(failed_all).numel())
+    if isinstance(dataset, FeatureDataset):
+        metrics["skipped"] += len(dataset.cache.failed)
+    return metrics, logits, labels
+
+
+class MetricsLog:
+    """Appends one JSON object per line (rank 0 only)."""
+
+    def __init__(self, path: str | os.PathLike | None):
+        self.path = os.fspath(path) if path is not None and distributed.rank() == 0 else None
+        if self.path:
+            os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.path:
+            with open(self.path, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps(record) + "\n")
+
+
+class Trainer:
+    """Trains the head of a MotionCLIP.
+
+    Args:
+        model: the MotionCLIP (its CLIP stays frozen).
+        class_names: names of the training classes (label ``i`` is ``class_names[i]``).
+        train_set: :class:`FeatureDataset` (``train=True``) or :class:`VideoDataset` with
+            a training transform; both must have ``set_epoch``.
+        config: :class:`TrainConfig`.
+        eval_set: evaluated at the end of every epoch when given (``eval_class_names``
+            default to ``class_names``).
+        device: where the model runs.
+        output_dir: where ``last.safetensors`` and ``metrics.jsonl`` go (None: nowhere).
+        model_info: JSON-able description of the CLIP stored in checkpoints.
+    """
+
+    def __init__(self, model: MotionCLIP, class_names: Sequence[str], train_set: Dataset, config: TrainConfig, *,
+                 eval_set: Dataset | None = None, eval_class_names: Sequence[str] | None = None,
+                 device: str | torch.device = "cpu", output_dir: str | os.PathLike | None = None,
+                 model_info: dict[str, Any] | None = None):
+        if not isinstance(train_set, (FeatureDataset, VideoDataset)):
+            raise TypeError(f"train_set must be a FeatureDataset or VideoDataset, got {type(train_set).__name__}")
+        if not train_set.train:
+            raise ValueError("train_set must be in training mode (FeatureDataset(train=True) or a training transform)")
+        world = distributed.world_size()
+        if config.batch_size % world:
+            raise ValueError(f"batch_size {config.batch_size} must be divisible by the {world} processes")
+        self.model, self.class_names, self.train_set, self.config = model, list(class_names), train_set, config
+        self.eval_set, self.eval_class_names = eval_set, list(eval_class_names or class_names)
+        self.device = torch.device(device)
+        self.output_dir = os.fspath(output_dir) if output_dir is not None else None
+        self.model_info = model_info or {}
+        self.local_batch = config.batch_size // world
+        self.parameters = model.trainable_parameters()
+        if not self.parameters:
+            raise ValueError("model has no trainable parameters")
+        self.optimizer = torch.optim.AdamW(self.parameters, lr=config.lr, weight_decay=config.weight_decay)
+        samples_per_rank = math.ceil(len(train_set) / world)
+        self.steps_per_epoch = math.ceil(samples_per_rank / self.local_batch)
+        self.total_steps = self.steps_per_epoch * config.epochs
+        self.scheduler = LambdaLR(self.optimizer, WarmupCosine(config.warmup_steps, self.total_steps, config.min_lr_ratio))
+        self.scaler = torch.amp.GradScaler("cuda") if config.amp == "fp16" and self.device.type == "cuda" else None
+        self.step = 0
+        self.log = MetricsLog(os.path.join(self.output_dir, "metrics.jsonl") if self.output_dir else None)
+        self.broken = BrokenVideoLog()
+        self.history: list[dict[str, Any]] = []
+
+    # ----------------------------------------------------------------- checkpoints
+    def checkpoint_path(self) -> str | None:
+        return os.path.join(self.output_dir, "last.safetensors") if self.output_dir else None
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Writes a resumable checkpoint (rank 0 writes; every rank must call)."""
+        if distributed.rank() == 0:
+            state = {"step": self.step, "scheduler": self.scheduler.state_dict(), "config": dataclasses.asdict(self.config),
+                     "parameter_names": trainable_module_names(self.model), "world_size": distributed.world_size()}
+            if self.scaler is not None:
+                state["scaler"] = self.scaler.state_dict()
+            save_checkpoint(path, self.model, model_info=self.model_info, class_names=self.class_names,
+                            train_state=state, optimizer=self.optimizer)
+        distributed.barrier()
+
+    def resume(self, path: str | os.PathLike) -> None:
+        """Restores model, optimiser, scheduler, step and RNG states from a training checkpoint."""
+        checkpoint = load_checkpoint(path)
+        if checkpoint.train_state is None:
+            raise ValueError(f"{os.fspath(path)!r} holds no training state (not written by Trainer)")
+        state = checkpoint.train_state
+        if state.get("parameter_names") != trainable_module_names(self.model):
+            raise ValueError("checkpoint's trainable parameters differ from this model's")
+        saved = state.get("config", {})
+        for key in ("batch_size", "epochs", "seed"):
+            if saved.get(key) != getattr(self.config, key):
+                raise ValueError(f"cannot resume exactly: checkpoint has {key}={saved.get(key)}, "
+                                 f"this run {getattr(self.config, key)}")
+        load_head(self.model, checkpoint)
+        load_optimizer(self.optimizer, checkpoint)
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
+        self.step = int(state["step"])
+        restore_rng(checkpoint)
+        logger.info("resumed from %s at step %d", os.fspath(path), self.step)
+
+    # ----------------------------------------------------------------- training
+    def _loader(self, epoch: int, skip_batches: int) -> DataLoader:
+        sampler = DistributedSampler(self.train_set, num_replicas=distributed.world_size(), rank=distributed.rank(),
+                                     shuffle=True, seed=self.config.seed)
+        sampler.set_epoch(epoch)
+        order = list(sampler)
+        batches = [order[i:i + self.local_batch] for i in range(0, len(order), self.local_batch)][skip_batches:]
+        self.train_set.set_epoch(epoch)
+        return DataLoader(self.train_set, batch_sampler=batches, num_workers=self.config.num_workers,
+                          collate_fn=_collate_for(self.train_set))
+
+    def train_step(self, batch: dict, class_features: torch.Tensor) -> dict[str, float]:
+        """One optimiser step on a (local) batch; returns loss, correct and count of the global batch."""
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        labels = batch["label"].to(self.device)
+        count = distributed.all_reduce_sum(torch.tensor([float(labels.shape[0])], device=self.device)).item()
+        if _has_rows(batch) and labels.numel():
+            logits = batch_logits(self.model, batch, class_features, self.device, self.config.amp)
+            loss_sum = F.cross_entropy(logits, labels, reduction="sum")
+            loss = loss_sum / max(count, 1.0)
+            (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+            correct = (logits.argmax(dim=1) == labels).sum().float()
+            loss_sum = loss_sum.detach()
+        else:
+            loss_sum = correct = torch.zeros((), device=self.device)
+        for parameter in self.parameters:
+            if parameter.grad is None:
+                parameter.grad = torch.zeros_like(parameter)
+        distributed.sum_gradients(self.parameters)
+        totals = distributed.all_reduce_sum(torch.stack([loss_sum.float(), correct.float()]))
+        if count > 0:
+            if self.scaler is not None:
+                self.scaler.unscale_(self.optimizer)
+            if self.config.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(self.parameters, self.config.grad_clip)
+            if self.scaler is not None:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                self.optimizer.step()
+        self.scheduler.step()
+        self.step += 1
+        return {"loss_sum": totals[0].item(), "correct": totals[1].item(), "count": count}
+
+    def fit(self) -> list[dict[str, Any]]:
+        """Trains until ``epochs`` are done (from the current step); returns the eval records."""
+        config = self.config
+        class_features = self.model.encode_classes(self.class_names)
+        bar = None
+        if config.progress and distributed.rank() == 0:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=self.total_steps, initial=self.step, desc="training", unit="step", dynamic_ncols=True)
+        running = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0}
+        started = time.perf_counter()
+        while self.step < self.total_steps:
+            epoch, offset = divmod(self.step, self.steps_per_epoch)
+            for batch in self._loader(epoch, offset):
+                self.broken.update(batch)
+                result = self.train_step(batch, class_features)
+                for key in running:
+                    running[key] += result[key]
+                if bar is not None:
+                    bar.update(1)
+                if config.log_every and (self.step % config.log_every == 0 or self.step == self.total_steps):
+                    self._log_train(epoch, running, started, bar)
+                    running = {key: 0.0 for key in running}
+                    started = time.perf_counter()
+                if config.checkpoint_every and self.step % config.checkpoint_every == 0 and self.checkpoint_path():
+                    self.save(self.checkpoint_path())
+            if self.checkpoint_path():
+                self.save(self.checkpoint_path())
+            if self.eval_set is not None:
+                metrics, _, _ = evaluate(self.model, self.eval_set, self.eval_class_names, batch_size=self.local_batch,
+                                         device=self.device, amp=config.amp, num_workers=config.num_workers)
+                record = {"type": "eval", "epoch": epoch, "step": self.step, **metrics}
+                self.log.write(record)
+                self.history.append(record)
+                logger.info("epoch %d: top1 %.4f top5 %.4f mean class accuracy %.4f", epoch, metrics["top1"],
+                            metrics["top5"], metrics["mean_class_accuracy"])
+        if bar is not None:
+            bar.close()
+        self.broken.report()
+        return self.history
+
+    def _log_train(self, epoch: int, running: dict[str, float], started: float, bar) -> None:
+        count = max(running["count"], 1.0)
+        record = {"type": "train", "epoch": epoch, "step": self.step, "loss": running["loss_sum"] / count,
+                  "accuracy": running["correct"] / count, "lr": self.scheduler.get_last_lr()[0],
+                  "samples_per_s": running["count"] / max(time.perf_counter() - started, 1e-9)}
+        self.log.write(record)
+        if bar is not None:
+            bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['accuracy']:.3f}", lr=f"{record['lr']:.2e}")
