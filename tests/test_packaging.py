@@ -37,3 +37,10 @@ def test_wheel_ships_kernels_as_mpfast_kernels(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True,
                          env={**os.environ, "PYTHONPATH": str(target)})
     assert Path(out.stdout.strip()).resolve() == (target / "mpfast" / "kernels" / "__init__.py").resolve()
+
+
+def test_import_does_not_initialise_cuda_or_load_backends():
+    # (open_clip itself imports triton through timm; mpfast's kernels load on first use only.)
+    code = "import sys, torch, mpfast, mpfast.ops; print(torch.cuda.is_initialized(), 'mpfast.kernels' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "False"]
