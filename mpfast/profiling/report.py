@@ -1,0 +1,466 @@
+"""``mpfast report``: parameters, FLOPs (two counters), speed and memory of a MotionCLIP.
+
+Everything is measured on random weights (FLOPs and speed do not depend on the weight
+values) on the current device and dtype. Timing: warm-up calls first, then timed calls
+that alternate between the bare CLIP frame encoder and the whole MotionCLIP, so both see
+the same machine load; CUDA calls are timed with CUDA events; medians are reported.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import logging
+import os
+import platform
+import resource
+import statistics
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from . import counting
+
+logger = logging.getLogger("mpfast.profiling")
+
+SWEEP_CLASSES = (51, 101, 400)  # HMDB-51, UCF-101, Kinetics-400
+SWEEP_PROMPTS = (8, 56)  # K; with T frames the text side attends over L = K + T keys
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclasses.dataclass
+class ReportOptions:
+    """What ``mpfast report`` measures.
+
+    Attributes:
+        model: open_clip model name.
+        frames: frame counts T to measure.
+        batches: batch sizes to time; ``None``: (1, 2) on CPU, (1, 8, 32) on CUDA.
+        classes: number of classes C for the head (random class features).
+        device: ``"cpu"``, ``"cuda"``...; ``None``: CUDA if available.
+        dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"``.
+        compile: time ``torch.compile``-d callables.
+        warmup: untimed calls per measurement; ``None``: 1 on CPU, 5 on CUDA.
+        iterations: timed calls per measurement; ``None``: 3 on CPU, 20 on CUDA.
+        sweep: count the head over C, T and K (cheap; skipped for a quick report).
+    """
+
+    model: str = "ViT-B-16"
+    frames: Sequence[int] = (8,)
+    batches: Sequence[int] | None = None
+    classes: int = 400
+    device: str | None = None
+    dtype: str = "float32"
+    compile: bool = False
+    warmup: int | None = None
+    iterations: int | None = None
+    sweep: bool = True
+
+    def __post_init__(self) -> None:
+        def positive_ints(name: str, values) -> tuple[int, ...]:
+            values = tuple(values)
+            if not values or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in values):
+                raise ValueError(f"{name} must be positive ints, got {values!r}")
+            return values
+
+        self.frames = positive_ints("frames", self.frames)
+        if self.batches is not None:
+            self.batches = positive_ints("batches", self.batches)
+        positive_ints("classes", (self.classes,))
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        for name in ("warmup", "iterations"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "warmup" else 1)):
+                raise ValueError(f"{name} must be an int >= {0 if name == 'warmup' else 1}, got {value!r}")
+
+
+# ------------------------------------------------------------------ timing
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time_call(fn: Callable[[], object], device: torch.device) -> float:
+    """Seconds one call takes (CUDA events on CUDA, wall clock after a sync elsewhere)."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+    _synchronize(device)
+    begin = time.perf_counter()
+    fn()
+    _synchronize(device)
+    return time.perf_counter() - begin
+
+
+def _quantile(values: Sequence[float], q: float) -> float:
+    ordered = sorted(values)
+    position = q * (len(ordered) - 1)
+    low = int(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def _summary(times: Sequence[float], batch: int) -> dict:
+    median = statistics.median(times)
+    return {"latency_ms_p50": 1e3 * median, "latency_ms_p90": 1e3 * _quantile(times, 0.9),
+            "videos_per_s": batch / median, "samples": len(times)}
+
+
+def _peak_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    # ru_maxrss is in KiB on Linux (bytes on macOS): the whole process's peak resident memory.
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if platform.system() == "Darwin" else rss * 1024)
+
+
+# ------------------------------------------------------------------ the report
+
+
+def _device_description(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} logical cores, {torch.get_num_threads()} torch threads"
+
+
+def _default_device(device: str | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _g(value: float) -> float:
+    return value / 1e9
+
+
+def _flops_entry(count: counting.FlopCount, depth: int | None = 2) -> dict:
+    entry = count.to_dict(module_depth=depth)
+    entry["gflops_fvcore_style"] = _g(count.fvcore)
+    entry["gflops_true"] = _g(count.true)
+    return entry
+
+
+def build_report(options: ReportOptions, progress: bool = True) -> dict:
+    """Measures a MotionCLIP as ``options`` say; returns the report as a JSON-able dict."""
+    from tqdm.auto import tqdm
+
+    import mpfast
+    from mpfast.model import HeadConfig, MotionCLIP, create_model_and_transforms
+
+    device = _default_device(options.device)
+    on_cuda = device.type == "cuda"
+    batches = options.batches or ((1, 8, 32) if on_cuda else (1, 2))
+    warmup = options.warmup if options.warmup is not None else (5 if on_cuda else 1)
+    iterations = options.iterations if options.iterations is not None else (20 if on_cuda else 3)
+    dtype = DTYPES[options.dtype]
+    started = time.perf_counter()
+
+    count_steps = 2 * len(options.frames) + 1 + (len(SWEEP_CLASSES) * len(options.frames) * len(SWEEP_PROMPTS) if options.sweep else 0)
+    time_steps = len(options.frames) * len(batches) * (warmup + iterations)
+    bar = tqdm(total=count_steps + time_steps, desc="mpfast report", disable=not progress, unit="step", leave=False)
+
+    bar.set_postfix_str(f"creating {options.model}")
+    model, _, _, tokenizer = create_model_and_transforms(options.model, None, options.frames[0], device=device)
+    model = model.to(dtype).eval()
+    params = counting.count_parameters(model, depth=2)
+
+    # FLOPs: per video (frame encoder and head), per class list (text encoder).
+    flops: dict = {"frame_encoder": {}, "head": {}, "text_encoder": {}}
+    head_share: dict = {}
+    for frames in options.frames:
+        bar.set_postfix_str(f"counting frame encoder, T={frames}")
+        encoder = counting.frame_encoder_flops(model, frames)
+        bar.update()
+        flops["frame_encoder"][str(frames)] = _flops_entry(encoder, depth=3)
+        bar.set_postfix_str(f"counting head, T={frames}, C={options.classes}")
+        head_model = model if frames == options.frames[0] else MotionCLIP(model.clip, dataclasses.replace(model.config, num_frames=frames), tokenizer).to(device, dtype)
+        cost = counting.head_cost(head_model, frames, options.classes)
+        bar.update()
+        flops["head"][str(frames)] = {
+            "per_video": _flops_entry(cost.per_video),
+            "per_call": _flops_entry(cost.per_call),
+            "batch_1": _flops_entry(cost.at_batch_one),
+        }
+        head_share[str(frames)] = {
+            "per_video": cost.per_video.fvcore / encoder.fvcore,
+            "batch_1": cost.at_batch_one.fvcore / encoder.fvcore,
+        }
+    bar.set_postfix_str("counting text encoder (one prompt)")
+    per_class = counting.text_encoder_flops_per_class(model)
+    bar.update()
+    prompts_per_list = options.classes * len(model.config.templates)
+    flops["text_encoder"] = {
+        "per_prompt": _flops_entry(per_class),
+        "per_class_list": {"classes": options.classes, "templates": len(model.config.templates),
+                           "gflops_fvcore_style": _g(per_class.fvcore * prompts_per_list),
+                           "gflops_true": _g(per_class.true * prompts_per_list)},
+    }
+
+    sweep = []
+    if options.sweep:
+        for frames in options.frames:
+            for prompts in SWEEP_PROMPTS:
+                config = dataclasses.replace(model.config, num_frames=frames, num_prompts=prompts)
+                head_model = MotionCLIP(model.clip, config, tokenizer).to(device, dtype)
+                for classes in SWEEP_CLASSES:
+                    bar.set_postfix_str(f"head sweep T={frames} K={prompts} C={classes}")
+                    cost = counting.head_cost(head_model, frames, classes)
+                    bar.update()
+                    sweep.append({"frames": frames, "prompts": prompts, "keys": frames + prompts, "classes": classes,
+                                  "per_video_gflops_fvcore_style": _g(cost.per_video.fvcore),
+                                  "per_call_gflops_fvcore_style": _g(cost.per_call.fvcore),
+                                  "per_video_gflops_true": _g(cost.per_video.true)})
+
+    # Speed: bare CLIP frame encoder vs the whole MotionCLIP, interleaved.
+    size = counting.image_size(model)
+    class_features = torch.nn.functional.normalize(torch.randn(options.classes, model.dim, device=device), dim=-1).to(dtype)
+    timing = []
+    for frames in options.frames:
+        head_model = model if frames == options.frames[0] else MotionCLIP(model.clip, dataclasses.replace(model.config, num_frames=frames), tokenizer).to(device, dtype).eval()
+
+        def bare(video: Tensor) -> Tensor:
+            return model.encode_frames(video)
+
+        def full(video: Tensor, head_model=head_model) -> Tensor:
+            return head_model.forward_features(head_model.encode_frames(video), class_features)
+
+        bare_fn, full_fn = (torch.compile(bare), torch.compile(full)) if options.compile else (bare, full)
+        for batch in batches:
+            bar.set_postfix_str(f"timing T={frames} B={batch}")
+            video = torch.randn(batch, frames, 3, size, size, device=device, dtype=dtype)
+            times: dict[str, list[float]] = {"clip_frame_encoder": [], "motionclip": []}
+            peaks = {}
+            with torch.inference_mode():
+                for step in range(warmup + iterations):
+                    for name, fn in (("clip_frame_encoder", bare_fn), ("motionclip", full_fn)):
+                        if on_cuda:
+                            torch.cuda.reset_peak_memory_stats(device)
+                        elapsed = _time_call(lambda: fn(video), device)
+                        peaks[name] = max(peaks.get(name, 0), _peak_memory_bytes(device))
+                        if step >= warmup:
+                            times[name].append(elapsed)
+                    bar.update()
+            row = {"frames": frames, "batch": batch}
+            for name, values in times.items():
+                row[name] = {**_summary(values, batch), "peak_memory_bytes": peaks[name]}
+            row["head_overhead"] = row["motionclip"]["latency_ms_p50"] / row["clip_frame_encoder"]["latency_ms_p50"] - 1
+            timing.append(row)
+    bar.close()
+
+    return {
+        "mpfast_version": mpfast.__version__,
+        "torch_version": torch.__version__,
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "model": options.model,
+        "weights": "random (no pretrained weights: FLOPs, parameters and speed do not depend on weight values)",
+        "device": str(device),
+        "device_description": _device_description(device),
+        "dtype": options.dtype,
+        "compile": options.compile,
+        "classes": options.classes,
+        "frames": list(options.frames),
+        "batches": list(batches),
+        "warmup": warmup,
+        "iterations": iterations,
+        "peak_memory_note": ("torch.cuda.max_memory_allocated per measurement" if on_cuda else
+                             "process peak resident memory (ru_maxrss), cumulative over the run"),
+        "parameters": params.to_dict(),
+        "flops": flops,
+        "head_share_of_frame_encoder": head_share,
+        "head_sweep": sweep,
+        "timing": timing,
+        "wall_time_s": time.perf_counter() - started,
+    }
+
+
+# ------------------------------------------------------------------ output
+
+
+def _fmt_int(n: float) -> str:
+    return f"{int(n):,}"
+
+
+def render_markdown(report: dict) -> str:
+    """The report as Markdown."""
+    p = report["parameters"]
+    lines = [
+        f"# mpfast report: {report['model']}",
+        "",
+        f"{report['date']}; mpfast {report['mpfast_version']}, torch {report['torch_version']}; "
+        f"device {report['device']} ({report['device_description']}); dtype {report['dtype']}"
+        f"{'; torch.compile' if report['compile'] else ''}.",
+        f"Weights: {report['weights']}.",
+        "",
+        "## Parameters",
+        "",
+        "| module | total | trainable |",
+        "| --- | ---: | ---: |",
+        f"| **all** | {_fmt_int(p['total'])} | {_fmt_int(p['trainable'])} |",
+    ]
+    for name, n in p["by_module"].items():
+        lines.append(f"| {name} | {_fmt_int(n['total'])} | {_fmt_int(n['trainable'])} |")
+    lines += [
+        "",
+        "## FLOPs per video",
+        "",
+        "Two counters: fvcore (FlopCountAnalysis) and PyTorch's FlopCounterMode. *fvcore-style*: one multiply-add "
+        "= one FLOP (what papers print). *true*: a multiply-add = two FLOPs. Each counter's own convention is "
+        "exact; the other column is converted. Head *per video* = what each extra video of a batch adds; "
+        "*per call* = class-side work paid once per forward whatever the batch size; *batch 1* = both.",
+        "",
+        "| part | T | GFLOPs fvcore-style (fvcore / FlopCounterMode) | true GFLOPs (fvcore / FlopCounterMode) | counters differ |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+
+    def row(label: str, frames, entry: dict) -> str:
+        fs, tr = entry["fvcore_style"], entry["true_flops"]
+        return (f"| {label} | {frames} | {_g(fs['fvcore']):.4f} / {_g(fs['flop_counter_mode']):.4f} | "
+                f"{_g(tr['fvcore']):.4f} / {_g(tr['flop_counter_mode']):.4f} | {100 * entry['disagreement']:.3f} % |")
+
+    for frames, entry in report["flops"]["frame_encoder"].items():
+        lines.append(row("frozen CLIP frame encoder", frames, entry))
+        head = report["flops"]["head"][frames]
+        lines.append(row(f"head, per video (C={report['classes']})", frames, head["per_video"]))
+        lines.append(row(f"head, per call (C={report['classes']})", frames, head["per_call"]))
+        lines.append(row(f"head, batch 1 (C={report['classes']})", frames, head["batch_1"]))
+    text = report["flops"]["text_encoder"]
+    lines.append(row("text encoder, per prompt", "-", text["per_prompt"]))
+    lists = text["per_class_list"]
+    lines += [
+        "",
+        f"Per class list (text encoder, once per list, cached by `MotionCLIP.encode_classes`): {lists['classes']} "
+        f"classes x {lists['templates']} template(s) = {lists['gflops_fvcore_style']:.1f} GFLOPs fvcore-style "
+        f"({lists['gflops_true']:.1f} true).",
+        "",
+        "Head cost relative to the frame encoder (fvcore-style): "
+        + "; ".join(f"T={t}: {100 * s['per_video']:.3f} % per video, {100 * s['batch_1']:.3f} % at batch 1"
+                    for t, s in report["head_share_of_frame_encoder"].items()),
+        "",
+    ]
+    first = next(iter(report["flops"]["frame_encoder"]))
+    for label, entry in (("frame encoder", report["flops"]["frame_encoder"][first]),
+                         ("head per video", report["flops"]["head"][first]["per_video"])):
+        lines += [f"### By op: {label}, T={first}", "", "| counter | op | GFLOPs (counter's convention) |",
+                  "| --- | --- | ---: |"]
+        for counter, key in (("fvcore", "fvcore_by_op"), ("FlopCounterMode", "flop_counter_mode_by_op")):
+            for op, v in entry[key].items():
+                if v:
+                    lines.append(f"| {counter} | {op} | {_g(v):.4f} |")
+        lines += ["", f"### By module: {label}, T={first}", "", "| module | fvcore-style (fvcore) | true (FlopCounterMode) |",
+                  "| --- | ---: | ---: |"]
+        names = sorted(set(entry["fvcore_by_module"]) | set(entry["flop_counter_mode_by_module"]))
+        for name in names:
+            lines.append(f"| {name or '(all)'} | {_g(entry['fvcore_by_module'].get(name, 0)):.4f} | "
+                         f"{_g(entry['flop_counter_mode_by_module'].get(name, 0)):.4f} |")
+        skipped = entry["skipped_ops"]
+        lines += ["", "Ops not counted (element-wise, by convention): "
+                  + "; ".join(f"{c}: " + (", ".join(f"{op} x{n}" for op, n in ops.items()) or "none")
+                              for c, ops in skipped.items()), ""]
+    if report["head_sweep"]:
+        lines += ["## How the head grows with classes C, frames T and keys L = K + T", "",
+                  "| T | K | L | C | per video GFLOPs (fvcore-style) | per call GFLOPs (fvcore-style) |",
+                  "| ---: | ---: | ---: | ---: | ---: | ---: |"]
+        for s in report["head_sweep"]:
+            lines.append(f"| {s['frames']} | {s['prompts']} | {s['keys']} | {s['classes']} | "
+                         f"{s['per_video_gflops_fvcore_style']:.4f} | {s['per_call_gflops_fvcore_style']:.4f} |")
+        lines += ["", "Per video, in multiply-adds: C·D² (text_out) + 2·C·L·D (text ← video attention) + 2·L·D² "
+                  "(video keys/values) + 3·C·D (video ← text attention, logits) + O(T·D²/2) (motion block); per call: "
+                  "3·C·D² (class-side query, key and value projections).", ""]
+    lines += ["## Speed", "",
+              f"{report['warmup']} warm-up and {report['iterations']} timed calls per row, bare encoder and MotionCLIP "
+              f"alternating; latency per batch; peak memory: {report['peak_memory_note']}.", "",
+              "| T | batch | CLIP frame encoder videos/s | MotionCLIP videos/s | MotionCLIP p50 ms | p90 ms | "
+              "head overhead | peak memory MiB |",
+              "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in report["timing"]:
+        b, m = r["clip_frame_encoder"], r["motionclip"]
+        lines.append(f"| {r['frames']} | {r['batch']} | {b['videos_per_s']:.3f} | {m['videos_per_s']:.3f} | "
+                     f"{m['latency_ms_p50']:.1f} | {m['latency_ms_p90']:.1f} | {100 * r['head_overhead']:+.1f} % | "
+                     f"{m['peak_memory_bytes'] / 2**20:.0f} |")
+    lines += ["", f"Report wall time: {report['wall_time_s']:.0f} s.", ""]
+    return "\n".join(lines)
+
+
+def _plot_throughput(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for frames in report["frames"]:
+        rows = [r for r in report["timing"] if r["frames"] == frames]
+        batches = [r["batch"] for r in rows]
+        ax.plot(batches, [r["clip_frame_encoder"]["videos_per_s"] for r in rows], "o--", label=f"CLIP frame encoder, T={frames}")
+        ax.plot(batches, [r["motionclip"]["videos_per_s"] for r in rows], "o-", label=f"MotionCLIP, T={frames}")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("batch size (videos)")
+    ax.set_ylabel("videos / s")
+    ax.set_title(f"{report['model']} on {report['device']} ({report['dtype']})")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _plot_flops(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    frames = str(report["frames"][0])
+    encoder = report["flops"]["frame_encoder"][frames]["fvcore_by_module"]
+    head = report["flops"]["head"][frames]["per_video"]["fvcore_by_module"]
+    parts = {}
+    for name in ("clip.visual.conv1", "clip.visual.transformer", "clip.visual.ln_pre", "clip.visual.ln_post"):
+        if encoder.get(name):
+            parts["CLIP " + name.split(".")[-1]] = encoder[name]
+    for name in ("motion", "prompts", "communication"):
+        parts["head " + name] = head.get(name, 0.0)
+    parts["head logits"] = head.get("", 0.0) - sum(head.get(n, 0.0) for n in ("motion", "prompts", "communication"))
+    labels = list(parts)
+    values = [_g(parts[k]) for k in labels]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.barh(labels, values)
+    ax.set_xscale("log")
+    ax.set_xlabel("GFLOPs per video, fvcore-style (log scale)")
+    ax.set_title(f"{report['model']}, T={frames}, C={report['classes']}: FLOPs by module")
+    for i, v in enumerate(values):
+        ax.text(v, i, f" {v:.3g}", va="center", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_report(report: dict, out_dir: str | os.PathLike) -> list[Path]:
+    """Writes report.json, report.md, throughput.png and flops_by_module.png into ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / "report.json", out / "report.md", out / "throughput.png", out / "flops_by_module.png"]
+    paths[0].write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    paths[1].write_text(render_markdown(report), encoding="utf-8")
+    _plot_throughput(report, paths[2])
+    _plot_flops(report, paths[3])
+    return paths
