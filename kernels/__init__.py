@@ -14,9 +14,11 @@ def load_ops() -> dict:
     from mpfast.ops._registry import OpImpl
 
     from .motion_mix import motion_mix_bwd, motion_mix_fwd, motion_mix_supports
+    from .prompt_attention import prompt_attention_bwd, prompt_attention_fwd, prompt_attention_supports
     from .temporal_diff import temporal_diff_bwd, temporal_diff_fwd, temporal_diff_supports
 
     return {
         "temporal_diff": OpImpl(temporal_diff_fwd, temporal_diff_bwd, temporal_diff_supports),
         "motion_mix": OpImpl(motion_mix_fwd, motion_mix_bwd, motion_mix_supports),
+        "prompt_attention": OpImpl(prompt_attention_fwd, prompt_attention_bwd, prompt_attention_supports),
     }

@@ -1,0 +1,390 @@
+"""Triton kernels of ``prompt_attention``: many queries over few keys, forward and backward.
+
+Design (FlashAttention-style, specialised for ``C`` queries per head over ``L`` keys):
+
+* Forward: one program per (video, head) and block of ``BLOCK_C`` queries; it streams
+  the keys and values in blocks of ``BLOCK_L`` with an online softmax (running max and
+  sum in float32, float64 for float64 inputs) and never materialises the ``[C, L]``
+  scores. Queries shared by the batch (``[C, H, d]``) are read with a batch stride of
+  0, never copied; keys expanded over the batch (stride 0) are read the same way.
+* Backward recomputes instead of storing probabilities. ``_prompt_attention_bwd_kernel``
+  (one program per (video, head) and query block; for shared queries one per head and
+  query block, looping over the videos so that ``grad_q`` sums over the batch in
+  registers) first recomputes each row's log-sum-exp and ``delta = rowsum(dO * O)``,
+  stores both in a small float32 ``[B, H, C]`` workspace, then accumulates ``grad_q``.
+  ``_prompt_attention_bwd_dkdv_kernel`` (one program per (video, head) and key block)
+  streams the queries and accumulates ``grad_k`` and ``grad_v``. Deterministic, no
+  atomics.
+* ``key_padding_mask`` (True = padded) sets a key's score to ``-inf``; a row whose keys
+  are all padded has a zero sum, gets zeros and a log-sum-exp of ``+inf`` so that its
+  recomputed probabilities (and so every gradient through it) are exactly zero.
+
+Limits: head dim ``d`` up to ``MAX_HEAD_DIM`` (padded to a power of two >= 16 and
+masked, so odd sizes work). float32 matmuls run in IEEE float32 (no TF32), float16 and
+bfloat16 ones on tensor cores with float32 accumulation (probabilities are rounded to
+the input dtype before ``P @ V``, as in FlashAttention). The scale is passed as two
+float32 halves so float64 inputs keep a float64 scale.
+"""
+
+from __future__ import annotations
+
+import struct
+
+import torch
+import triton
+import triton.language as tl
+
+from mpfast.ops._common import new_output
+
+from ._utils import acc_dtype, acc_torch_dtype, device_reasons
+
+MAX_HEAD_DIM = 256
+
+
+@triton.jit
+def _dot(a, b, ACC: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    # UPCAST: the interpreter multiplies bfloat16 bit patterns in tl.dot (triton-lang/triton#11584);
+    # float32 products of bfloat16 values are exact, as on tensor cores.
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, out_dtype=ACC, input_precision=PRECISION)
+
+
+@triton.jit
+def _prompt_attention_fwd_kernel(
+    q_ptr, stride_qb, stride_qc, stride_qh, stride_qd,
+    k_ptr, stride_kb, stride_kl, stride_kh, stride_kd,
+    v_ptr, stride_vb, stride_vl, stride_vh, stride_vd,
+    mask_ptr, stride_mb, stride_ml,
+    out_ptr, stride_ob, stride_oc, stride_oh, stride_od,
+    scale_hi, scale_lo,
+    C, L, H, HEAD_DIM,
+    HAS_MASK: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_bh = tl.program_id(0).to(tl.int64)
+    c0 = tl.program_id(1).to(tl.int64) * BLOCK_C
+    b = pid_bh // H
+    h = pid_bh % H
+    scale = tl.full([], scale_hi, ACC) + tl.full([], scale_lo, ACC)
+    rows = tl.arange(0, BLOCK_C)
+    keys = tl.arange(0, BLOCK_L)
+    cols = tl.arange(0, BLOCK_D)
+    row_ok = c0 + rows < C
+    col_ok = cols < HEAD_DIM
+
+    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + c0 * stride_qc
+                + rows[:, None] * stride_qc + cols[None, :] * stride_qd,
+                mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+    k_ptrs = k_ptr + b * stride_kb + h * stride_kh + keys[:, None] * stride_kl + cols[None, :] * stride_kd
+    v_ptrs = v_ptr + b * stride_vb + h * stride_vh + keys[:, None] * stride_vl + cols[None, :] * stride_vd
+    mask_ptrs = mask_ptr + b * stride_mb + keys * stride_ml
+
+    m_i = tl.full([BLOCK_C], float("-inf"), dtype=ACC)
+    l_i = tl.zeros([BLOCK_C], dtype=ACC)
+    acc = tl.zeros([BLOCK_C, BLOCK_D], dtype=ACC)
+    for l0 in range(0, L, BLOCK_L):
+        key_ok = l0 + keys < L
+        k = tl.load(k_ptrs, mask=key_ok[:, None] & col_ok[None, :], other=0.0)
+        v = tl.load(v_ptrs, mask=key_ok[:, None] & col_ok[None, :], other=0.0)
+        if HAS_MASK:
+            key_ok = key_ok & (tl.load(mask_ptrs, mask=key_ok, other=1) == 0)
+        s = _dot(q, tl.trans(k), ACC, PRECISION, DOT_UPCAST) * scale
+        s = tl.where(key_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # all keys so far padded
+        p = tl.exp(s - m_safe[:, None])
+        alpha = tl.exp(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, ACC, PRECISION, DOT_UPCAST)
+        m_i = m_new
+        k_ptrs += BLOCK_L * stride_kl
+        v_ptrs += BLOCK_L * stride_vl
+        mask_ptrs += BLOCK_L * stride_ml
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # a fully padded row has acc == 0
+    tl.store(out_ptr + b * stride_ob + h * stride_oh + c0 * stride_oc
+             + rows[:, None] * stride_oc + cols[None, :] * stride_od,
+             out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _prompt_attention_bwd_kernel(
+    grad_out_ptr, stride_gob, stride_goc, stride_goh, stride_god,
+    q_ptr, stride_qb, stride_qc, stride_qh, stride_qd,
+    k_ptr, stride_kb, stride_kl, stride_kh, stride_kd,
+    v_ptr, stride_vb, stride_vl, stride_vh, stride_vd,
+    mask_ptr, stride_mb, stride_ml,
+    grad_q_ptr, stride_gqb, stride_gqc, stride_gqh, stride_gqd,
+    lse_ptr, delta_ptr, stride_sb, stride_sh,
+    scale_hi, scale_lo,
+    B, C, L, H, HEAD_DIM,
+    Q_SHARED: tl.constexpr, HAS_MASK: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    c0 = tl.program_id(1).to(tl.int64) * BLOCK_C
+    if Q_SHARED:  # one program per head and query block sums grad_q over every video
+        h = pid
+        b_first = pid * 0
+        num_videos = B
+    else:
+        h = pid % H
+        b_first = pid // H
+        num_videos = 1
+    scale = tl.full([], scale_hi, ACC) + tl.full([], scale_lo, ACC)
+    rows = tl.arange(0, BLOCK_C)
+    keys = tl.arange(0, BLOCK_L)
+    cols = tl.arange(0, BLOCK_D)
+    row_ok = c0 + rows < C
+    col_ok = cols < HEAD_DIM
+    tile_ok = row_ok[:, None] & col_ok[None, :]
+    row_tile = rows[:, None] * stride_qc + cols[None, :] * stride_qd
+    key_tile_k = keys[:, None] * stride_kl + cols[None, :] * stride_kd
+    key_tile_v = keys[:, None] * stride_vl + cols[None, :] * stride_vd
+
+    q_base = q_ptr + b_first * stride_qb + h * stride_qh + c0 * stride_qc
+    grad_out_base = grad_out_ptr + b_first * stride_gob + h * stride_goh + c0 * stride_goc
+    k_base = k_ptr + b_first * stride_kb + h * stride_kh
+    v_base = v_ptr + b_first * stride_vb + h * stride_vh
+    mask_base = mask_ptr + b_first * stride_mb
+    stat_base = b_first * stride_sb + h * stride_sh + c0
+    grad_q = tl.zeros([BLOCK_C, BLOCK_D], dtype=ACC)
+    for _ in range(num_videos):
+        q = tl.load(q_base + row_tile, mask=tile_ok, other=0.0)
+        grad_out = tl.load(grad_out_base + rows[:, None] * stride_goc + cols[None, :] * stride_god,
+                           mask=tile_ok, other=0.0)
+
+        # Pass 1: recompute the row statistics and delta = rowsum(dO * O).
+        m_i = tl.full([BLOCK_C], float("-inf"), dtype=ACC)
+        l_i = tl.zeros([BLOCK_C], dtype=ACC)
+        acc = tl.zeros([BLOCK_C, BLOCK_D], dtype=ACC)
+        for l0 in range(0, L, BLOCK_L):
+            key_ok = l0 + keys < L
+            k = tl.load(k_base + l0 * stride_kl + key_tile_k, mask=key_ok[:, None] & col_ok[None, :], other=0.0)
+            v = tl.load(v_base + l0 * stride_vl + key_tile_v, mask=key_ok[:, None] & col_ok[None, :], other=0.0)
+            if HAS_MASK:
+                key_ok = key_ok & (tl.load(mask_base + (l0 + keys) * stride_ml, mask=key_ok, other=1) == 0)
+            s = _dot(q, tl.trans(k), ACC, PRECISION, DOT_UPCAST) * scale
+            s = tl.where(key_ok[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp(s - m_safe[:, None])
+            alpha = tl.exp(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, ACC, PRECISION, DOT_UPCAST)
+            m_i = m_new
+        has_keys = l_i > 0
+        out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
+        delta = tl.sum(grad_out.to(ACC) * out, axis=1)
+        lse = tl.where(has_keys, m_i + tl.log(tl.where(has_keys, l_i, 1.0)), float("inf"))
+        tl.store(lse_ptr + stat_base + rows, lse, mask=row_ok)
+        tl.store(delta_ptr + stat_base + rows, delta, mask=row_ok)
+
+        # Pass 2: grad_q += (P * (dP - delta)) @ K.
+        for l0 in range(0, L, BLOCK_L):
+            key_ok = l0 + keys < L
+            k = tl.load(k_base + l0 * stride_kl + key_tile_k, mask=key_ok[:, None] & col_ok[None, :], other=0.0)
+            v = tl.load(v_base + l0 * stride_vl + key_tile_v, mask=key_ok[:, None] & col_ok[None, :], other=0.0)
+            if HAS_MASK:
+                key_ok = key_ok & (tl.load(mask_base + (l0 + keys) * stride_ml, mask=key_ok, other=1) == 0)
+            s = _dot(q, tl.trans(k), ACC, PRECISION, DOT_UPCAST) * scale
+            s = tl.where(key_ok[None, :], s, float("-inf"))
+            p = tl.exp(s - lse[:, None])
+            grad_p = _dot(grad_out, tl.trans(v), ACC, PRECISION, DOT_UPCAST)
+            grad_s = p * (grad_p - delta[:, None])
+            grad_q += _dot(grad_s.to(k.dtype), k, ACC, PRECISION, DOT_UPCAST)
+
+        q_base += stride_qb
+        grad_out_base += stride_gob
+        k_base += stride_kb
+        v_base += stride_vb
+        mask_base += stride_mb
+        stat_base += stride_sb
+    grad_q = grad_q * scale
+    tl.store(grad_q_ptr + b_first * stride_gqb + h * stride_gqh + c0 * stride_gqc
+             + rows[:, None] * stride_gqc + cols[None, :] * stride_gqd,
+             grad_q.to(grad_q_ptr.dtype.element_ty), mask=tile_ok)
+
+
+@triton.jit
+def _prompt_attention_bwd_dkdv_kernel(
+    grad_out_ptr, stride_gob, stride_goc, stride_goh, stride_god,
+    q_ptr, stride_qb, stride_qc, stride_qh, stride_qd,
+    k_ptr, stride_kb, stride_kl, stride_kh, stride_kd,
+    v_ptr, stride_vb, stride_vl, stride_vh, stride_vd,
+    mask_ptr, stride_mb, stride_ml,
+    grad_k_ptr, stride_gkb, stride_gkl, stride_gkh, stride_gkd,
+    grad_v_ptr, stride_gvb, stride_gvl, stride_gvh, stride_gvd,
+    lse_ptr, delta_ptr, stride_sb, stride_sh,
+    scale_hi, scale_lo,
+    C, L, H, HEAD_DIM,
+    HAS_MASK: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_bh = tl.program_id(0).to(tl.int64)
+    l0 = tl.program_id(1).to(tl.int64) * BLOCK_L
+    b = pid_bh // H
+    h = pid_bh % H
+    scale = tl.full([], scale_hi, ACC) + tl.full([], scale_lo, ACC)
+    rows = tl.arange(0, BLOCK_C)
+    keys = tl.arange(0, BLOCK_L)
+    cols = tl.arange(0, BLOCK_D)
+    col_ok = cols < HEAD_DIM
+    key_in = l0 + keys < L
+    key_tile_ok = key_in[:, None] & col_ok[None, :]
+
+    k = tl.load(k_ptr + b * stride_kb + h * stride_kh + l0 * stride_kl
+                + keys[:, None] * stride_kl + cols[None, :] * stride_kd, mask=key_tile_ok, other=0.0)
+    v = tl.load(v_ptr + b * stride_vb + h * stride_vh + l0 * stride_vl
+                + keys[:, None] * stride_vl + cols[None, :] * stride_vd, mask=key_tile_ok, other=0.0)
+    key_ok = key_in
+    if HAS_MASK:
+        key_ok = key_ok & (tl.load(mask_ptr + b * stride_mb + (l0 + keys) * stride_ml, mask=key_in, other=1) == 0)
+
+    q_ptrs = q_ptr + b * stride_qb + h * stride_qh + rows[:, None] * stride_qc + cols[None, :] * stride_qd
+    grad_out_ptrs = (grad_out_ptr + b * stride_gob + h * stride_goh
+                     + rows[:, None] * stride_goc + cols[None, :] * stride_god)
+    stat_offs = b * stride_sb + h * stride_sh + rows
+    grad_k = tl.zeros([BLOCK_L, BLOCK_D], dtype=ACC)
+    grad_v = tl.zeros([BLOCK_L, BLOCK_D], dtype=ACC)
+    for c0 in range(0, C, BLOCK_C):
+        row_ok = c0 + rows < C
+        tile_ok = row_ok[:, None] & col_ok[None, :]
+        q = tl.load(q_ptrs, mask=tile_ok, other=0.0)
+        grad_out = tl.load(grad_out_ptrs, mask=tile_ok, other=0.0)
+        lse = tl.load(lse_ptr + stat_offs, mask=row_ok, other=float("inf"))
+        delta = tl.load(delta_ptr + stat_offs, mask=row_ok, other=0.0)
+        s = _dot(q, tl.trans(k), ACC, PRECISION, DOT_UPCAST) * scale
+        s = tl.where(key_ok[None, :], s, float("-inf"))
+        p = tl.exp(s - lse[:, None])  # zero for padded keys, fully padded rows and rows past C
+        grad_v += _dot(tl.trans(p.to(grad_out.dtype)), grad_out, ACC, PRECISION, DOT_UPCAST)
+        grad_p = _dot(grad_out, tl.trans(v), ACC, PRECISION, DOT_UPCAST)
+        grad_s = p * (grad_p - delta[:, None])
+        grad_k += _dot(tl.trans(grad_s.to(q.dtype)), q, ACC, PRECISION, DOT_UPCAST)
+        q_ptrs += BLOCK_C * stride_qc
+        grad_out_ptrs += BLOCK_C * stride_goc
+        stat_offs += BLOCK_C
+    grad_k = grad_k * scale
+    tl.store(grad_k_ptr + b * stride_gkb + h * stride_gkh + l0 * stride_gkl
+             + keys[:, None] * stride_gkl + cols[None, :] * stride_gkd,
+             grad_k.to(grad_k_ptr.dtype.element_ty), mask=key_tile_ok)
+    tl.store(grad_v_ptr + b * stride_gvb + h * stride_gvh + l0 * stride_gvl
+             + keys[:, None] * stride_gvl + cols[None, :] * stride_gvd,
+             grad_v.to(grad_v_ptr.dtype.element_ty), mask=key_tile_ok)
+
+
+# Under TRITON_INTERPRET=1, triton.jit returns interpreted functions instead of JITFunctions.
+_INTERPRETED = not isinstance(_prompt_attention_fwd_kernel, triton.runtime.JITFunction)
+
+
+def _launch_config(classes: int, keys: int, head_dim: int, dtype: torch.dtype) -> dict:
+    """Block sizes and warps keyed on shape and dtype (tl.dot needs blocks of at least 16)."""
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    wide = block_d > 64 or dtype == torch.float64
+    block_c = min(32 if wide else 64, max(16, triton.next_power_of_2(classes)))
+    block_l = min(32 if wide else 64, max(16, triton.next_power_of_2(keys)))
+    return dict(BLOCK_C=block_c, BLOCK_L=block_l, BLOCK_D=block_d, num_warps=8 if block_d >= 128 else 4)
+
+
+def _split_scale(scale: float) -> tuple[float, float]:
+    """``scale`` as float32 ``hi + lo`` (Triton passes Python floats as float32)."""
+    hi = struct.unpack("f", struct.pack("f", scale))[0]
+    return hi, scale - hi
+
+
+def _as_4d(q: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
+    """``q`` and its strides as ``[B or 1, C, H, d]``; shared queries get batch stride 0."""
+    if q.dim() == 3:
+        return q, (0, *q.stride())
+    return q, tuple(q.stride())
+
+
+def _mask_args(key_padding_mask: torch.Tensor | None, like: torch.Tensor) -> tuple:
+    if key_padding_mask is None:
+        return like, 0, 0
+    mask = key_padding_mask.view(torch.uint8)  # same bytes and strides, no copy
+    return mask, *mask.stride()
+
+
+def _common_args(q, k, v, key_padding_mask, scale):
+    _, q_strides = _as_4d(q)
+    return (q, *q_strides), (k, *k.stride()), (v, *v.stride()), _mask_args(key_padding_mask, q), _split_scale(scale)
+
+
+def _dot_flags(dtype: torch.dtype) -> dict:
+    """``PRECISION`` and ``DOT_UPCAST``: float32 keeps IEEE products (TF32 would lose ~3
+    decimal digits); bfloat16 is upcast before ``tl.dot`` only in the interpreter."""
+    upcast = _INTERPRETED and dtype == torch.bfloat16
+    return dict(PRECISION="ieee" if upcast or dtype in (torch.float32, torch.float64) else "tf32", DOT_UPCAST=upcast)
+
+
+def prompt_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                         key_padding_mask: torch.Tensor | None) -> torch.Tensor:
+    """``q [C,H,d] or [B,C,H,d], k, v [B,L,H,d], mask [B,L]? -> out [B,C,H,d]``."""
+    batch, keys, heads, head_dim = k.shape
+    classes = q.shape[-3]
+    out = new_output((batch, classes, heads, head_dim), q)
+    if out.numel() == 0:
+        return out
+    q_args, k_args, v_args, mask_args, scales = _common_args(q, k, v, key_padding_mask, scale)
+    config = _launch_config(classes, keys, head_dim, q.dtype)
+    grid = (batch * heads, triton.cdiv(classes, config["BLOCK_C"]))
+    _prompt_attention_fwd_kernel[grid](
+        *q_args, *k_args, *v_args, *mask_args,
+        out, *out.stride(),
+        *scales,
+        classes, keys, heads, head_dim,
+        HAS_MASK=key_padding_mask is not None, ACC=acc_dtype(q.dtype), **_dot_flags(q.dtype), **config,
+    )
+    return out
+
+
+def prompt_attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                         key_padding_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns ``(grad_q, grad_k, grad_v)``; ``grad_q`` has ``q``'s shape (summed over B when shared)."""
+    batch, keys, heads, head_dim = k.shape
+    classes = q.shape[-3]
+    shared = q.dim() == 3
+    grad_q = new_output(q.shape, q)
+    grad_k = new_output(k.shape, k)
+    grad_v = new_output(v.shape, v)
+    if grad_out.numel() == 0:
+        return grad_q.zero_(), grad_k.zero_(), grad_v.zero_()
+    q_args, k_args, v_args, mask_args, scales = _common_args(q, k, v, key_padding_mask, scale)
+    _, grad_q_strides = _as_4d(grad_q)
+    lse = torch.empty((batch, heads, classes), dtype=acc_torch_dtype(q.dtype), device=q.device)
+    delta = torch.empty_like(lse)
+    config = _launch_config(classes, keys, head_dim, q.dtype)
+    flags = dict(HAS_MASK=key_padding_mask is not None, ACC=acc_dtype(q.dtype), **_dot_flags(q.dtype), **config)
+    grid = (heads if shared else batch * heads, triton.cdiv(classes, config["BLOCK_C"]))
+    _prompt_attention_bwd_kernel[grid](
+        grad_out, *grad_out.stride(),
+        *q_args, *k_args, *v_args, *mask_args,
+        grad_q, *grad_q_strides,
+        lse, delta, lse.stride(0), lse.stride(1),
+        *scales,
+        batch, classes, keys, heads, head_dim,
+        Q_SHARED=shared, **flags,
+    )
+    grid = (batch * heads, triton.cdiv(keys, config["BLOCK_L"]))
+    _prompt_attention_bwd_dkdv_kernel[grid](
+        grad_out, *grad_out.stride(),
+        *q_args, *k_args, *v_args, *mask_args,
+        grad_k, *grad_k.stride(),
+        grad_v, *grad_v.stride(),
+        lse, delta, lse.stride(0), lse.stride(1),
+        *scales,
+        classes, keys, heads, head_dim,
+        **flags,
+    )
+    return grad_q, grad_k, grad_v
+
+
+def prompt_attention_supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                              key_padding_mask: torch.Tensor | None = None) -> list[str]:
+    """Reasons these forward arguments cannot run on the Triton kernels."""
+    reasons = device_reasons(q=q, k=k, v=v, key_padding_mask=key_padding_mask)
+    if k.dim() == 4 and k.shape[-1] > MAX_HEAD_DIM:
+        reasons.append(f"triton prompt_attention takes head dims up to {MAX_HEAD_DIM}, got d={k.shape[-1]}")
+    return reasons
