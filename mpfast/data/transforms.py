@@ -2,7 +2,7 @@
 
 Evaluation resizes the short side to ``S`` and takes one centre crop (the same as
 :class:`mpfast.transforms.VideoTransform` with ``train=False``) or three ``S x S`` crops
-along the long side (start, centre, end). Training takes one random resized crop and,
+along the long side (start, centre, end); resizing is bicubic, as in open_clip. Training takes one random resized crop and,
 optionally, a horizontal flip (turn it off when left/right is part of the label).
 """
 
@@ -17,6 +17,8 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from ..transforms import OPENAI_MEAN, OPENAI_STD
+
+BICUBIC = v2.InterpolationMode.BICUBIC  # as open_clip's preprocessing
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,7 +39,7 @@ class ClipTransform:
     train: bool = False
     crops: int = 1
     flip: bool = True
-    scale: tuple[float, float] = (0.6, 1.0)
+    scale: tuple[float, float] = (0.9, 1.0)
 
     def __post_init__(self) -> None:
         if isinstance(self.image_size, bool) or not isinstance(self.image_size, int) or self.image_size < 1:
@@ -69,11 +71,12 @@ class ClipTransform:
         size = self.image_size
         if self.train:
             top, left, height, width = v2.RandomResizedCrop.get_params(video, scale=list(self.scale), ratio=[3 / 4, 4 / 3])
-            views = [TF.resized_crop(video, top, left, height, width, [size, size], antialias=True)]
+            views = [TF.resized_crop(video, top, left, height, width, [size, size], interpolation=BICUBIC,
+                                     antialias=True)]
             if self.flip and torch.rand(()) < 0.5:
                 views[0] = views[0].flip(-1)
         else:
-            resized = TF.resize(video, size, antialias=True)
+            resized = TF.resize(video, size, interpolation=BICUBIC, antialias=True)
             height, width = resized.shape[-2:]
             if self.crops == 1:
                 views = [TF.center_crop(resized, [size, size])]

@@ -112,6 +112,18 @@ class FeatureCache:
             raise ValueError(f"cache {self.folder!r} is inconsistent: {self.features.shape[0]} rows, "
                              f"{self.meta['count']} videos, {len(self.failed)} failed")
 
+    @classmethod
+    def from_tensors(cls, features: torch.Tensor, labels: torch.Tensor) -> "FeatureCache":
+        """An in-memory cache of precomputed features ``[N, V, T, D]`` with labels ``[N]``."""
+        if features.dim() != 4 or labels.dim() != 1 or features.shape[0] != labels.shape[0]:
+            raise ValueError(f"need features [N,V,T,D] and labels [N], got {tuple(features.shape)}, {tuple(labels.shape)}")
+        cache = cls.__new__(cls)
+        cache.folder, cache.failed = None, {}
+        cache.features, cache.labels = features, labels.long()
+        cache.indices = torch.arange(features.shape[0])
+        cache.meta = {"count": features.shape[0], "views": features.shape[1], "short": 0}
+        return cache
+
 
 def cache_folder(cache_dir: str | os.PathLike, description: dict[str, Any]) -> str:
     return os.path.join(os.fspath(cache_dir), cache_key(description))
