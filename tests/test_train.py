@@ -1,0 +1,176 @@
+"""Trainer, checkpoints and exact resume."""
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from mpfast import create_model_and_transforms
+from mpfast.engine import FeatureCache, FeatureDataset, TrainConfig, Trainer, evaluate, load_checkpoint, load_head
+from mpfast.engine import checkpoint as checkpoint_module
+from mpfast.engine.trainer import WarmupCosine
+
+CLASSES = ["moving left", "moving right", "moving up"]
+
+
+def _model(name, **options):
+    torch.manual_seed(0)
+    return create_model_and_transforms(name, None, num_frames=4, **options)[0]
+
+
+def _features(count=12, views=2, dim=32, seed=1):
+    generator = torch.Generator().manual_seed(seed)
+    features = torch.randn(count, views, 4, dim, generator=generator)
+    labels = torch.arange(count) % len(CLASSES)
+    return FeatureCache.from_tensors(features, labels)
+
+
+def _trainer(model, cache, output_dir=None, **options):
+    config = TrainConfig(**{"epochs": 2, "batch_size": 4, "lr": 1e-2, "warmup_steps": 2, "progress": False,
+                            "log_every": 1, **options})
+    return Trainer(model, CLASSES, FeatureDataset(cache, train=True, seed=3), config, output_dir=output_dir,
+                   model_info={"model": "mpfast-tiny"})
+
+
+def _head(model):
+    return {name: p.detach().clone() for name, p in model.named_parameters() if not name.startswith("clip.")}
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_resume_continues_exactly(tiny_model_name, tmp_path):
+    cache = _features()
+    reference_model = _model(tiny_model_name)
+    reference = _trainer(reference_model, cache)
+    reference.fit()
+    assert reference.step == 6
+
+    interrupted = _trainer(_model(tiny_model_name), cache, tmp_path, checkpoint_every=4)
+    save = interrupted.save
+
+    def save_then_stop(path):
+        save(path)
+        if interrupted.step == 4:  # mid-epoch
+            raise Interrupted
+
+    interrupted.save = save_then_stop
+    with pytest.raises(Interrupted):
+        interrupted.fit()
+    rng_at_save = torch.get_rng_state()
+    torch.manual_seed(1234)  # a fresh process would have another RNG state
+
+    resumed_model = _model(tiny_model_name)
+    resumed = _trainer(resumed_model, cache, tmp_path / "resumed")
+    resumed.resume(tmp_path / "last.safetensors")
+    assert resumed.step == 4 and torch.equal(torch.get_rng_state(), rng_at_save)
+    assert resumed.scheduler.last_epoch == 4
+    resumed.fit()
+    expected, got = _head(reference_model), _head(resumed_model)
+    assert expected.keys() == got.keys()
+    for name in expected:
+        assert torch.equal(expected[name], got[name]), name
+    for p_ref, p_res in zip(reference.parameters, resumed.parameters):
+        a, b = reference.optimizer.state[p_ref], resumed.optimizer.state[p_res]
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed.scheduler.get_last_lr() == reference.scheduler.get_last_lr()
+
+
+def test_resume_refuses_a_different_run(tiny_model_name, tmp_path):
+    trainer = _trainer(_model(tiny_model_name), _features(), tmp_path, epochs=1)
+    trainer.fit()
+    other = _trainer(_model(tiny_model_name), _features(), batch_size=6)
+    with pytest.raises(ValueError, match="batch_size"):
+        other.resume(tmp_path / "last.safetensors")
+
+
+def test_only_the_head_trains_and_metrics_are_logged(tiny_model_name, tmp_path):
+    model = _model(tiny_model_name)
+    clip_before = {k: v.clone() for k, v in model.clip.state_dict().items()}
+    head_before = _head(model)
+    trainer = _trainer(model, _features(), tmp_path, epochs=1)
+    trainer.fit()
+    assert all(torch.equal(v, model.clip.state_dict()[k]) for k, v in clip_before.items())
+    changed = [name for name, value in _head(model).items() if not torch.equal(value, head_before[name])]
+    assert "motion.gate" in changed and "communication.text_scale" in changed
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert all(r["type"] == "train" and r["loss"] > 0 and 0 <= r["accuracy"] <= 1 for r in records)
+
+
+def test_training_fits_the_training_set(tiny_model_name):
+    cache = _features(count=24)
+    model = _model(tiny_model_name)
+    before, _, _ = evaluate(model, FeatureDataset(cache), CLASSES)
+    trainer = _trainer(model, cache, epochs=8, lr=3e-2)
+    trainer.fit()
+    after, logits, labels = evaluate(model, FeatureDataset(cache), CLASSES)
+    loss = torch.nn.functional.cross_entropy(logits, labels)
+    assert after["top1"] > before["top1"] and after["top1"] > 0.6
+    assert loss < 1.0 and after["count"] == 24
+
+
+def test_schedule_warms_up_then_decays():
+    schedule = WarmupCosine(warmup=3, total=13, floor=0.1)
+    factors = [schedule(step) for step in range(14)]
+    assert factors[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert all(a >= b for a, b in zip(factors[3:], factors[4:])) and factors[13] == pytest.approx(0.1)
+
+
+def test_checkpoint_round_trip_and_mismatch(tiny_model_name, tmp_path):
+    model = _model(tiny_model_name)
+    with torch.no_grad():
+        model.motion.gate.fill_(0.25)
+    checkpoint_module.save_checkpoint(tmp_path / "head.safetensors", model, model_info={"model": tiny_model_name},
+                                      class_names=CLASSES)
+    loaded = load_checkpoint(tmp_path / "head.safetensors")
+    assert loaded.model_info == {"model": tiny_model_name} and loaded.class_names == CLASSES
+    assert loaded.train_state is None and not any(name.startswith("clip.") for name in loaded.head)
+    other = _model(tiny_model_name)
+    load_head(other, loaded)
+    assert torch.equal(other.motion.gate, model.motion.gate)
+    with pytest.raises(ValueError, match=r"motion.gate has shape \(2, 32\), the model expects \(3, 32\)"):
+        load_head(_model(tiny_model_name, strides=(1, 2, 3)), loaded)
+    loaded.head.pop("motion.gate")
+    with pytest.raises(ValueError, match=r"does not fit this model: missing \['motion.gate'\]"):
+        load_head(other, loaded)
+
+
+def test_checkpoint_write_is_atomic(tiny_model_name, tmp_path, monkeypatch):
+    model = _model(tiny_model_name)
+    path = tmp_path / "head.safetensors"
+    checkpoint_module.save_checkpoint(path, model)
+    original = path.read_bytes()
+
+    def failing(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpoint_module, "save_file", failing)
+    with pytest.raises(OSError, match="disk full"):
+        checkpoint_module.save_checkpoint(path, model)
+    assert path.read_bytes() == original and os.listdir(tmp_path) == ["head.safetensors"]
+
+
+def test_loading_never_unpickles(tmp_path):
+    pickled = tmp_path / "evil.safetensors"
+    torch.save({"model.x": torch.zeros(1)}, pickled)
+    with pytest.raises(ValueError, match="not a safetensors checkpoint"):
+        load_checkpoint(pickled)
+    foreign = tmp_path / "foreign.safetensors"
+    save_file({"x": torch.zeros(1)}, foreign)
+    with pytest.raises(ValueError, match="not an mpfast checkpoint"):
+        load_checkpoint(foreign)
+    with pytest.raises(FileNotFoundError):
+        load_checkpoint(tmp_path / "none.safetensors")
+
+
+def test_train_config_validation():
+    with pytest.raises(ValueError, match="amp"):
+        TrainConfig(amp="fp8")
+    with pytest.raises(ValueError, match="epochs"):
+        TrainConfig(epochs=0)
+    with pytest.raises(ValueError, match="lr"):
+        TrainConfig(lr=0)
