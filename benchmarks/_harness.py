@@ -1,0 +1,130 @@
+"""Shared pieces of the benchmark suites: device, implementations, timing, derived rates.
+
+Every benchmark records in ``extra_info``: op, shape, dtype, impl (a registry backend,
+``eager`` = the reference function called directly, ``compile`` = ``torch.compile`` of the
+reference, ``copy`` = a plain copy of the same bytes), pass (``fwd`` or ``fwd+bwd``),
+device, and the bytes and FLOPs one call moves and does, so ``compare.py`` derives GB/s
+and TFLOP/s and ratios to ``eager`` and ``compile`` within the same run.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import time
+from typing import Callable, Sequence
+
+import pytest
+import torch
+from torch import Tensor
+
+import mpfast
+
+DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float64: "float64"}
+TARGET_SECONDS = 0.25  # time spent timing one benchmark (after warm-up)
+
+
+def bench_device() -> torch.device:
+    """``MPFAST_BENCH_DEVICE``, else ``MPFAST_TEST_DEVICE``, else CUDA when available."""
+    name = os.environ.get("MPFAST_BENCH_DEVICE") or os.environ.get("MPFAST_TEST_DEVICE")
+    if not name:
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def on_gpu() -> bool:
+    return bench_device().type == "cuda"
+
+
+def impls() -> list[str]:
+    """Implementations to benchmark: every registry backend plus ``eager`` and ``compile``.
+
+    Backends that cannot run here are still listed (their benchmarks skip with the
+    reason); Triton's CPU interpreter is skipped too: it checks kernels, it is not fast.
+    """
+    return ["eager", "compile", *mpfast.ops._registry.BACKEND_NAMES]
+
+
+def skip_unless_runnable(impl: str, device: torch.device) -> None:
+    if impl in ("eager", "compile", "copy"):
+        return
+    reason = mpfast.ops.available_backends(device.type)[impl]
+    if reason is not None:
+        pytest.skip(reason)
+    if impl == "triton" and device.type == "cpu":
+        pytest.skip("triton on CPU tensors is the interpreter (a correctness tool, not a benchmark)")
+
+
+@functools.lru_cache(maxsize=None)
+def compiled(fn: Callable) -> Callable:
+    """``torch.compile(fn)``, one compiled callable per reference function."""
+    return torch.compile(fn)
+
+
+def call_for(impl: str, public: Callable, reference: Callable) -> Callable:
+    """The callable that runs ``impl``: the public op under a backend, or the reference."""
+    if impl == "eager":
+        return reference
+    if impl == "compile":
+        return compiled(reference)
+
+    def run(*args, **kwargs):
+        with mpfast.ops.backend(impl):
+            return public(*args, **kwargs)
+
+    return run
+
+
+def forward_backward(fn: Callable, inputs: Sequence[Tensor], args: Sequence, grads: Sequence[Tensor]) -> Callable[[], object]:
+    """A callable that runs ``fn(*args)`` and the gradients of ``inputs`` for ``grads``."""
+
+    def step():
+        outputs = fn(*args)
+        outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+        return torch.autograd.grad(outputs, list(inputs), list(grads))
+
+    return step
+
+
+def run(benchmark, fn: Callable[[], object], device: torch.device, **info) -> None:
+    """Times ``fn`` (synchronising CUDA after each call) and records ``info`` and derived rates.
+
+    ``info`` must hold ``bytes`` and ``flops`` (per call) besides the labels.
+    """
+    def call():
+        out = fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return out
+
+    for _ in range(2):  # warm-up: compilation, autotuning, allocator
+        call()
+    begin = time.perf_counter()
+    call()
+    once = max(time.perf_counter() - begin, 1e-7)
+    rounds = int(min(max(TARGET_SECONDS / once, 5), 100))
+    benchmark.extra_info.update(info, device=str(device))
+    benchmark.group = f"{info['op']} {info['shape']} {info['dtype']} {info['pass']}"
+    benchmark.pedantic(call, rounds=rounds, warmup_rounds=1, iterations=1)
+    if device.type == "cuda":
+        benchmark.extra_info["peak_memory_bytes"] = int(torch.cuda.max_memory_allocated(device))
+
+
+def nbytes(*tensors: Tensor | Sequence[int], dtype: torch.dtype | None = None) -> int:
+    """Bytes of tensors (or of shapes in ``dtype``)."""
+    total = 0
+    for t in tensors:
+        if isinstance(t, Tensor):
+            total += t.numel() * t.element_size()
+        else:
+            total += int(torch.Size(t).numel()) * torch.tensor([], dtype=dtype).element_size()
+    return total
+
+
+def copy_baseline(benchmark, device: torch.device, torch_dtype: torch.dtype, total_bytes: int, **labels) -> None:
+    """Benchmarks a plain copy that reads and writes ``total_bytes`` in all (the bandwidth ceiling)."""
+    element = torch.tensor([], dtype=torch_dtype).element_size()
+    numel = max(total_bytes // (2 * element), 1)
+    src = torch.randn(numel, device=device).to(torch_dtype)
+    dst = torch.empty_like(src)
+    run(benchmark, lambda: dst.copy_(src), device, impl="copy", bytes=2 * numel * element, flops=0, **labels)

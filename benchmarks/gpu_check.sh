@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# One prepared GPU check (H100/H200), about 8 minutes. From the repository root, after
+# `pip install -e .[test]` (and building the CUDA extension if the cuda backend is wanted):
+#
+#     bash benchmarks/gpu_check.sh
+#
+# 1. the op tests on CUDA tensors, real kernels (no Triton interpreter), failing if a
+#    required backend cannot run;
+# 2. the op benchmarks (every backend, eager and torch.compile reference, copy baseline),
+#    saved as JSON;
+# 3. a Markdown table: op, shape, dtype, backend, ms, GB/s, TFLOP/s, ratio to eager and
+#    to torch.compile.
+#
+# Environment (defaults in brackets):
+#   GPU_CHECK_DEVICE    device for tests and benchmarks [cuda]; "cpu" dry-runs the flow
+#   GPU_CHECK_BACKENDS  backends that must run [reference,triton,cuda]
+#   GPU_CHECK_OUT       output folder [gpu_check_out]
+#   GPU_CHECK_MODEL     1: also benchmark ViT-B/16 end to end (+1-2 min) [0]
+#   GPU_CHECK_TEST_TIMEOUT / GPU_CHECK_BENCH_TIMEOUT  seconds per stage [180 / 300]
+set -u -o pipefail
+
+DEVICE="${GPU_CHECK_DEVICE:-cuda}"
+BACKENDS="${GPU_CHECK_BACKENDS:-reference,triton,cuda}"
+OUT="${GPU_CHECK_OUT:-gpu_check_out}"
+TEST_TIMEOUT="${GPU_CHECK_TEST_TIMEOUT:-180}"
+BENCH_TIMEOUT="${GPU_CHECK_BENCH_TIMEOUT:-300}"
+mkdir -p "$OUT"
+status=0
+start=$(date +%s)
+
+echo "== mpfast gpu_check: $(date -u '+%Y-%m-%d %H:%M UTC'), device $DEVICE, required backends $BACKENDS"
+if [ "$DEVICE" = "cuda" ]; then
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || status=1
+    unset TRITON_INTERPRET  # real kernels only
+fi
+python -m mpfast.info | tee "$OUT/info.txt"
+
+echo "== 1/3 op tests on $DEVICE (required: $BACKENDS)"
+MPFAST_TEST_DEVICE="$DEVICE" MPFAST_REQUIRE_BACKENDS="$BACKENDS" timeout "$TEST_TIMEOUT" \
+    python -m pytest tests/test_temporal_diff.py tests/test_motion_mix.py tests/test_prompt_attention.py \
+    -q -p no:randomly -p no:cacheprovider -rfE --junitxml="$OUT/op_tests.xml" 2>&1 | tail -n 25
+rc=$?
+[ $rc -eq 124 ] && echo "op tests: TIMED OUT after ${TEST_TIMEOUT}s"
+[ $rc -ne 0 ] && status=1
+echo "op tests: exit $rc ($(( $(date +%s) - start ))s so far)"
+
+echo "== 2/3 op benchmarks on $DEVICE"
+BENCHES="benchmarks/test_temporal_diff.py benchmarks/test_motion_mix.py benchmarks/test_prompt_attention.py"
+[ "${GPU_CHECK_MODEL:-0}" = "1" ] && BENCHES="$BENCHES benchmarks/test_model.py"
+# shellcheck disable=SC2086
+MPFAST_BENCH_DEVICE="$DEVICE" timeout "$BENCH_TIMEOUT" python -m pytest $BENCHES -q -p no:randomly -p no:cacheprovider \
+    --benchmark-disable-gc --benchmark-json="$OUT/benchmarks.json" --benchmark-columns=median,rounds 2>&1 \
+    | grep -E "passed|failed|error|Error|SKIPPED|TIMED" | tail -n 20
+rc=$?
+[ $rc -ne 0 ] && [ ! -s "$OUT/benchmarks.json" ] && { echo "benchmarks: no results (timed out or failed)"; status=1; }
+echo "benchmarks: done ($(( $(date +%s) - start ))s so far)"
+
+echo "== 3/3 results"
+if [ -s "$OUT/benchmarks.json" ]; then
+    python benchmarks/compare.py "$OUT/benchmarks.json" --output "$OUT/benchmarks.md" && cat "$OUT/benchmarks.md"
+else
+    status=1
+fi
+echo "== gpu_check finished in $(( $(date +%s) - start ))s, status $status; files in $OUT/"
+exit $status

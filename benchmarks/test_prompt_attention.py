@@ -1,0 +1,56 @@
+"""prompt_attention: every backend, eager and compiled reference, forward and forward+backward."""
+
+import pytest
+import torch
+
+from mpfast.ops import prompt_attention, prompt_attention_ref
+from mpfast.ops.prompt_attention import flops
+
+from ._harness import DTYPE_NAMES, bench_device, call_for, forward_backward, impls, nbytes, on_gpu, run, skip_unless_runnable
+
+# (B, C, L, H, d, shared): shared queries [C,H,d] (text <- video, L = K + T keys) and
+# one query per video over the C classes (video <- text, keys broadcast from [C,H,d]).
+if on_gpu():
+    CASES = [(32, 400, 16, 8, 64, True), (32, 400, 72, 8, 64, True), (32, 1, 400, 8, 64, False)]
+    DTYPES = [torch.float32, torch.bfloat16]
+else:
+    CASES = [(4, 51, 16, 8, 64, True), (4, 1, 51, 8, 64, False)]
+    DTYPES = [torch.float32]
+
+
+def _cases():
+    return [(c, d) for c in CASES for d in DTYPES]
+
+
+def _name(case):
+    b, c, l, h, d, shared = case
+    return f"B{b}-C{c}-L{l}-H{h}-d{d}-{'shared' if shared else 'perbatch'}"
+
+
+def _labels(case, dtype, pass_):
+    return {"op": "prompt_attention", "shape": _name(case), "dtype": DTYPE_NAMES[dtype], "pass": pass_}
+
+
+@pytest.mark.parametrize("impl", impls())
+@pytest.mark.parametrize("case,dtype", _cases(), ids=[f"{_name(c)}-{DTYPE_NAMES[d]}" for c, d in _cases()])
+@pytest.mark.parametrize("pass_", ["fwd", "fwd+bwd"])
+def test_prompt_attention(benchmark, impl, case, dtype, pass_):
+    device = bench_device()
+    skip_unless_runnable(impl, device)
+    b, c, l, h, d, shared = case
+    grad = pass_ == "fwd+bwd"
+    q = torch.randn(*((c, h, d) if shared else (b, c, h, d)), device=device, dtype=dtype, requires_grad=grad)
+    k = torch.randn(b, l, h, d, device=device, dtype=dtype, requires_grad=grad)
+    v = torch.randn(b, l, h, d, device=device, dtype=dtype, requires_grad=grad)
+    out_shape = (b, c, h, d)
+    fn = call_for(impl, prompt_attention, prompt_attention_ref)
+    if grad:
+        step = forward_backward(fn, [q, k, v], (q, k, v), [torch.randn(out_shape, device=device, dtype=dtype)])
+    else:
+        step = lambda: fn(q, k, v)  # noqa: E731
+    total_bytes = nbytes(q, k, v) + nbytes(out_shape, dtype=dtype)
+    total_flops = flops(q.shape, k.shape)
+    if grad:  # read grad_out, q, k, v; write their gradients; twice the forward's matmul FLOPs
+        total_bytes += nbytes(out_shape, dtype=dtype) + 2 * nbytes(q, k, v)
+        total_flops *= 3
+    run(benchmark, step, device, impl=impl, bytes=total_bytes, flops=total_flops, **_labels(case, dtype, pass_))
