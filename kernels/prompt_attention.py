@@ -15,9 +15,10 @@ Design (FlashAttention-style, specialised for ``C`` queries per head over ``L`` 
   ``_prompt_attention_bwd_dkdv_kernel`` (one program per (video, head) and key block)
   streams the queries and accumulates ``grad_k`` and ``grad_v``. Deterministic, no
   atomics.
-* ``key_padding_mask`` (True = padded) sets a key's score to ``-inf``; a row whose keys
-  are all padded has a zero sum, gets zeros and a log-sum-exp of ``+inf`` so that its
-  recomputed probabilities (and so every gradient through it) are exactly zero.
+* ``key_padding_mask`` (True = padded) becomes a tiny additive ``[B, L]`` bias (0 or
+  ``-inf``, float32) before launch, which sets a padded key's score to ``-inf``; a row
+  whose keys are all padded has a zero sum, gets zeros and a log-sum-exp of ``+inf`` so
+  that its recomputed probabilities (and every gradient through it) are exactly zero.
 
 Limits: head dim ``d`` up to ``MAX_HEAD_DIM`` (padded to a power of two >= 16 and
 masked, so odd sizes work). float32 matmuls run in IEEE float32 (no TF32), float16 and
@@ -52,11 +53,24 @@ def _dot(a, b, ACC: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr)
 
 
 @triton.jit
+def _key_bias(bias_ptrs, key_in, HAS_MASK: tl.constexpr, ACC: tl.constexpr):
+    # [BLOCK_L] additive score bias: 0 for a key to attend, -inf for a padded key or one
+    # past L. The mask arrives as a float bias: a [C, L] select whose condition comes from
+    # an 8-bit tensor makes Triton 3.x pick a wrong dot-operand kWidth for P (an assertion
+    # for float64, kWidth 4 instead of 2 for float16 on sm_80).
+    if HAS_MASK:
+        bias = tl.load(bias_ptrs, mask=key_in, other=float("-inf")).to(ACC)
+    else:
+        bias = tl.where(key_in, 0.0, float("-inf")).to(ACC)
+    return bias
+
+
+@triton.jit
 def _prompt_attention_fwd_kernel(
     q_ptr, stride_qb, stride_qc, stride_qh, stride_qd,
     k_ptr, stride_kb, stride_kl, stride_kh, stride_kd,
     v_ptr, stride_vb, stride_vl, stride_vh, stride_vd,
-    mask_ptr, stride_mb, stride_ml,
+    bias_ptr, stride_biasb, stride_biasl,
     out_ptr, stride_ob, stride_oc, stride_oh, stride_od,
     scale_hi, scale_lo,
     C, L, H, HEAD_DIM,
@@ -79,19 +93,17 @@ def _prompt_attention_fwd_kernel(
                 mask=row_ok[:, None] & col_ok[None, :], other=0.0)
     k_ptrs = k_ptr + b * stride_kb + h * stride_kh + keys[:, None] * stride_kl + cols[None, :] * stride_kd
     v_ptrs = v_ptr + b * stride_vb + h * stride_vh + keys[:, None] * stride_vl + cols[None, :] * stride_vd
-    mask_ptrs = mask_ptr + b * stride_mb + keys * stride_ml
+    bias_ptrs = bias_ptr + b * stride_biasb + keys * stride_biasl
 
     m_i = tl.full([BLOCK_C], float("-inf"), dtype=ACC)
     l_i = tl.zeros([BLOCK_C], dtype=ACC)
     acc = tl.zeros([BLOCK_C, BLOCK_D], dtype=ACC)
     for l0 in range(0, L, BLOCK_L):
-        key_ok = l0 + keys < L
-        k = tl.load(k_ptrs, mask=key_ok[:, None] & col_ok[None, :], other=0.0)
-        v = tl.load(v_ptrs, mask=key_ok[:, None] & col_ok[None, :], other=0.0)
-        if HAS_MASK:
-            key_ok = key_ok & (tl.load(mask_ptrs, mask=key_ok, other=1) == 0)
-        s = _dot(q, tl.trans(k), ACC, PRECISION, DOT_UPCAST) * scale
-        s = tl.where(key_ok[None, :], s, float("-inf"))
+        key_in = l0 + keys < L
+        k = tl.load(k_ptrs, mask=key_in[:, None] & col_ok[None, :], other=0.0)
+        v = tl.load(v_ptrs, mask=key_in[:, None] & col_ok[None, :], other=0.0)
+        bias = _key_bias(bias_ptrs, key_in, HAS_MASK, ACC)
+        s = _dot(q, tl.trans(k), ACC, PRECISION, DOT_UPCAST) * scale + bias[None, :]
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # all keys so far padded
         p = tl.exp(s - m_safe[:, None])
@@ -101,7 +113,7 @@ def _prompt_attention_fwd_kernel(
         m_i = m_new
         k_ptrs += BLOCK_L * stride_kl
         v_ptrs += BLOCK_L * stride_vl
-        mask_ptrs += BLOCK_L * stride_ml
+        bias_ptrs += BLOCK_L * stride_biasl
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # a fully padded row has acc == 0
     tl.store(out_ptr + b * stride_ob + h * stride_oh + c0 * stride_oc
              + rows[:, None] * stride_oc + cols[None, :] * stride_od,
@@ -114,7 +126,7 @@ def _prompt_attention_bwd_kernel(
     q_ptr, stride_qb, stride_qc, stride_qh, stride_qd,
     k_ptr, stride_kb, stride_kl, stride_kh, stride_kd,
     v_ptr, stride_vb, stride_vl, stride_vh, stride_vd,
-    mask_ptr, stride_mb, stride_ml,
+    bias_ptr, stride_biasb, stride_biasl,
     grad_q_ptr, stride_gqb, stride_gqc, stride_gqh, stride_gqd,
     lse_ptr, delta_ptr, stride_sb, stride_sh,
     scale_hi, scale_lo,
@@ -147,7 +159,7 @@ def _prompt_attention_bwd_kernel(
     grad_out_base = grad_out_ptr + b_first * stride_gob + h * stride_goh + c0 * stride_goc
     k_base = k_ptr + b_first * stride_kb + h * stride_kh
     v_base = v_ptr + b_first * stride_vb + h * stride_vh
-    mask_base = mask_ptr + b_first * stride_mb
+    bias_base = bias_ptr + b_first * stride_biasb
     stat_base = b_first * stride_sb + h * stride_sh + c0
     grad_q = tl.zeros([BLOCK_C, BLOCK_D], dtype=ACC)
     for _ in range(num_videos):
@@ -160,13 +172,11 @@ def _prompt_attention_bwd_kernel(
         l_i = tl.zeros([BLOCK_C], dtype=ACC)
         acc = tl.zeros([BLOCK_C, BLOCK_D], dtype=ACC)
         for l0 in range(0, L, BLOCK_L):
-            key_ok = l0 + keys < L
-            k = tl.load(k_base + l0 * stride_kl + key_tile_k, mask=key_ok[:, None] & col_ok[None, :], other=0.0)
-            v = tl.load(v_base + l0 * stride_vl + key_tile_v, mask=key_ok[:, None] & col_ok[None, :], other=0.0)
-            if HAS_MASK:
-                key_ok = key_ok & (tl.load(mask_base + (l0 + keys) * stride_ml, mask=key_ok, other=1) == 0)
-            s = _dot(q, tl.trans(k), ACC, PRECISION, DOT_UPCAST) * scale
-            s = tl.where(key_ok[None, :], s, float("-inf"))
+            key_in = l0 + keys < L
+            k = tl.load(k_base + l0 * stride_kl + key_tile_k, mask=key_in[:, None] & col_ok[None, :], other=0.0)
+            v = tl.load(v_base + l0 * stride_vl + key_tile_v, mask=key_in[:, None] & col_ok[None, :], other=0.0)
+            bias = _key_bias(bias_base + (l0 + keys) * stride_biasl, key_in, HAS_MASK, ACC)
+            s = _dot(q, tl.trans(k), ACC, PRECISION, DOT_UPCAST) * scale + bias[None, :]
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             p = tl.exp(s - m_safe[:, None])
@@ -183,13 +193,11 @@ def _prompt_attention_bwd_kernel(
 
         # Pass 2: grad_q += (P * (dP - delta)) @ K.
         for l0 in range(0, L, BLOCK_L):
-            key_ok = l0 + keys < L
-            k = tl.load(k_base + l0 * stride_kl + key_tile_k, mask=key_ok[:, None] & col_ok[None, :], other=0.0)
-            v = tl.load(v_base + l0 * stride_vl + key_tile_v, mask=key_ok[:, None] & col_ok[None, :], other=0.0)
-            if HAS_MASK:
-                key_ok = key_ok & (tl.load(mask_base + (l0 + keys) * stride_ml, mask=key_ok, other=1) == 0)
-            s = _dot(q, tl.trans(k), ACC, PRECISION, DOT_UPCAST) * scale
-            s = tl.where(key_ok[None, :], s, float("-inf"))
+            key_in = l0 + keys < L
+            k = tl.load(k_base + l0 * stride_kl + key_tile_k, mask=key_in[:, None] & col_ok[None, :], other=0.0)
+            v = tl.load(v_base + l0 * stride_vl + key_tile_v, mask=key_in[:, None] & col_ok[None, :], other=0.0)
+            bias = _key_bias(bias_base + (l0 + keys) * stride_biasl, key_in, HAS_MASK, ACC)
+            s = _dot(q, tl.trans(k), ACC, PRECISION, DOT_UPCAST) * scale + bias[None, :]
             p = tl.exp(s - lse[:, None])
             grad_p = _dot(grad_out, tl.trans(v), ACC, PRECISION, DOT_UPCAST)
             grad_s = p * (grad_p - delta[:, None])
@@ -199,7 +207,7 @@ def _prompt_attention_bwd_kernel(
         grad_out_base += stride_gob
         k_base += stride_kb
         v_base += stride_vb
-        mask_base += stride_mb
+        bias_base += stride_biasb
         stat_base += stride_sb
     grad_q = grad_q * scale
     tl.store(grad_q_ptr + b_first * stride_gqb + h * stride_gqh + c0 * stride_gqc
@@ -213,7 +221,7 @@ def _prompt_attention_bwd_dkdv_kernel(
     q_ptr, stride_qb, stride_qc, stride_qh, stride_qd,
     k_ptr, stride_kb, stride_kl, stride_kh, stride_kd,
     v_ptr, stride_vb, stride_vl, stride_vh, stride_vd,
-    mask_ptr, stride_mb, stride_ml,
+    bias_ptr, stride_biasb, stride_biasl,
     grad_k_ptr, stride_gkb, stride_gkl, stride_gkh, stride_gkd,
     grad_v_ptr, stride_gvb, stride_gvl, stride_gvh, stride_gvd,
     lse_ptr, delta_ptr, stride_sb, stride_sh,
@@ -238,9 +246,7 @@ def _prompt_attention_bwd_dkdv_kernel(
                 + keys[:, None] * stride_kl + cols[None, :] * stride_kd, mask=key_tile_ok, other=0.0)
     v = tl.load(v_ptr + b * stride_vb + h * stride_vh + l0 * stride_vl
                 + keys[:, None] * stride_vl + cols[None, :] * stride_vd, mask=key_tile_ok, other=0.0)
-    key_ok = key_in
-    if HAS_MASK:
-        key_ok = key_ok & (tl.load(mask_ptr + b * stride_mb + (l0 + keys) * stride_ml, mask=key_in, other=1) == 0)
+    bias = _key_bias(bias_ptr + b * stride_biasb + (l0 + keys) * stride_biasl, key_in, HAS_MASK, ACC)
 
     q_ptrs = q_ptr + b * stride_qb + h * stride_qh + rows[:, None] * stride_qc + cols[None, :] * stride_qd
     grad_out_ptrs = (grad_out_ptr + b * stride_gob + h * stride_goh
@@ -255,8 +261,7 @@ def _prompt_attention_bwd_dkdv_kernel(
         grad_out = tl.load(grad_out_ptrs, mask=tile_ok, other=0.0)
         lse = tl.load(lse_ptr + stat_offs, mask=row_ok, other=float("inf"))
         delta = tl.load(delta_ptr + stat_offs, mask=row_ok, other=0.0)
-        s = _dot(q, tl.trans(k), ACC, PRECISION, DOT_UPCAST) * scale
-        s = tl.where(key_ok[None, :], s, float("-inf"))
+        s = _dot(q, tl.trans(k), ACC, PRECISION, DOT_UPCAST) * scale + bias[None, :]
         p = tl.exp(s - lse[:, None])  # zero for padded keys, fully padded rows and rows past C
         grad_v += _dot(tl.trans(p.to(grad_out.dtype)), grad_out, ACC, PRECISION, DOT_UPCAST)
         grad_p = _dot(grad_out, tl.trans(v), ACC, PRECISION, DOT_UPCAST)
@@ -300,16 +305,18 @@ def _as_4d(q: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
     return q, tuple(q.stride())
 
 
-def _mask_args(key_padding_mask: torch.Tensor | None, like: torch.Tensor) -> tuple:
+def _bias_args(key_padding_mask: torch.Tensor | None, like: torch.Tensor) -> tuple:
+    """The mask as an additive ``[B, L]`` score bias (0 or -inf) in the accumulator dtype."""
     if key_padding_mask is None:
         return like, 0, 0
-    mask = key_padding_mask.view(torch.uint8)  # same bytes and strides, no copy
-    return mask, *mask.stride()
+    bias = torch.zeros(key_padding_mask.shape, dtype=acc_torch_dtype(like.dtype), device=like.device)
+    bias.masked_fill_(key_padding_mask, float("-inf"))
+    return bias, *bias.stride()
 
 
 def _common_args(q, k, v, key_padding_mask, scale):
     _, q_strides = _as_4d(q)
-    return (q, *q_strides), (k, *k.stride()), (v, *v.stride()), _mask_args(key_padding_mask, q), _split_scale(scale)
+    return (q, *q_strides), (k, *k.stride()), (v, *v.stride()), _bias_args(key_padding_mask, q), _split_scale(scale)
 
 
 def _dot_flags(dtype: torch.dtype) -> dict:
@@ -327,11 +334,11 @@ def prompt_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scal
     out = new_output((batch, classes, heads, head_dim), q)
     if out.numel() == 0:
         return out
-    q_args, k_args, v_args, mask_args, scales = _common_args(q, k, v, key_padding_mask, scale)
+    q_args, k_args, v_args, bias_args, scales = _common_args(q, k, v, key_padding_mask, scale)
     config = _launch_config(classes, keys, head_dim, q.dtype)
     grid = (batch * heads, triton.cdiv(classes, config["BLOCK_C"]))
     _prompt_attention_fwd_kernel[grid](
-        *q_args, *k_args, *v_args, *mask_args,
+        *q_args, *k_args, *v_args, *bias_args,
         out, *out.stride(),
         *scales,
         classes, keys, heads, head_dim,
@@ -351,7 +358,7 @@ def prompt_attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tenso
     grad_v = new_output(v.shape, v)
     if grad_out.numel() == 0:
         return grad_q.zero_(), grad_k.zero_(), grad_v.zero_()
-    q_args, k_args, v_args, mask_args, scales = _common_args(q, k, v, key_padding_mask, scale)
+    q_args, k_args, v_args, bias_args, scales = _common_args(q, k, v, key_padding_mask, scale)
     _, grad_q_strides = _as_4d(grad_q)
     lse = torch.empty((batch, heads, classes), dtype=acc_torch_dtype(q.dtype), device=q.device)
     delta = torch.empty_like(lse)
@@ -360,7 +367,7 @@ def prompt_attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tenso
     grid = (heads if shared else batch * heads, triton.cdiv(classes, config["BLOCK_C"]))
     _prompt_attention_bwd_kernel[grid](
         grad_out, *grad_out.stride(),
-        *q_args, *k_args, *v_args, *mask_args,
+        *q_args, *k_args, *v_args, *bias_args,
         grad_q, *grad_q_strides,
         lse, delta, lse.stride(0), lse.stride(1),
         *scales,
@@ -370,7 +377,7 @@ def prompt_attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tenso
     grid = (batch * heads, triton.cdiv(keys, config["BLOCK_L"]))
     _prompt_attention_bwd_dkdv_kernel[grid](
         grad_out, *grad_out.stride(),
-        *q_args, *k_args, *v_args, *mask_args,
+        *q_args, *k_args, *v_args, *bias_args,
         grad_k, *grad_k.stride(),
         grad_v, *grad_v.stride(),
         lse, delta, lse.stride(0), lse.stride(1),
