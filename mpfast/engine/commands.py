@@ -43,6 +43,8 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--num-frames", type=int, default=None, help="frames per clip T (default: checkpoint's, else 8)")
     group.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     group.add_argument("--precision", default="fp32", help="precision of the frozen CLIP (fp32, bf16, fp16)")
+    group.add_argument("--init-seed", type=int, default=None,
+                       help="seed of the random CLIP weights without --pretrained (default: the checkpoint's, else 0)")
 
 
 def _data_arguments(parser: argparse.ArgumentParser, *, list_flag: str = "--list", required: bool = True,
@@ -132,11 +134,14 @@ def _build_model(args: argparse.Namespace, device: torch.device):
             options["num_frames"] = args.num_frames
     else:
         options["num_frames"] = args.num_frames or 8
-    model, _, _, _ = create_model_and_transforms(name, args.pretrained, device=device, precision=args.precision,
-                                                 **options)
+    init_seed = args.init_seed if args.init_seed is not None else int(info.get("init_seed", 0))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(init_seed)  # random CLIP weights are the same in every command
+        model, _, _, _ = create_model_and_transforms(name, args.pretrained, device=device, precision=args.precision,
+                                                     **options)
     if checkpoint is not None:
         load_head(model, checkpoint)
-    model_info = {"model": name, "pretrained": args.pretrained, "precision": args.precision}
+    model_info = {"model": name, "pretrained": args.pretrained, "precision": args.precision, "init_seed": init_seed}
     return model, model_info, checkpoint
 
 
