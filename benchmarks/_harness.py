@@ -51,14 +51,22 @@ def skip_unless_runnable(impl: str, device: torch.device) -> None:
     reason = mpfast.ops.available_backends(device.type)[impl]
     if reason is not None:
         pytest.skip(reason)
-    if impl == "triton" and device.type == "cpu":
-        pytest.skip("triton on CPU tensors is the interpreter (a correctness tool, not a benchmark)")
+    if impl == "triton" and (device.type == "cpu" or os.environ.get("TRITON_INTERPRET") == "1"):
+        pytest.skip("triton in interpreter mode (TRITON_INTERPRET=1 or CPU tensors) checks kernels; it is not a benchmark")
 
 
 @functools.lru_cache(maxsize=None)
 def compiled(fn: Callable) -> Callable:
-    """``torch.compile(fn)``, one compiled callable per reference function."""
-    return torch.compile(fn)
+    """``torch.compile(fn, dynamic=False)``: one graph per shape, dtype and grad mode, as a specialised kernel.
+
+    The recompile limit is raised so that every benchmarked case really runs compiled
+    (past the limit dynamo would quietly fall back to eager).
+    """
+    import torch._dynamo
+
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    torch._dynamo.config.accumulated_cache_size_limit = max(torch._dynamo.config.accumulated_cache_size_limit, 512)
+    return torch.compile(fn, dynamic=False)
 
 
 def call_for(impl: str, public: Callable, reference: Callable) -> Callable:
