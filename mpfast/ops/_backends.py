@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from ._registry import Backend, BackendUnavailableError, OpImpl, register_backend
+from ._registry import Backend, OpImpl, register_backend
 
 
 def _load_reference():
@@ -34,10 +34,13 @@ def _triton_device_check(device_type: str) -> str | None:
 
 
 def _load_extension(kind: str):
-    raise BackendUnavailableError(f"this version of mpfast has no compiled {kind} implementations")
+    # Compiles csrc/ on first use (cached); BackendUnavailableError says why it cannot.
+    from . import extension
+
+    return extension.load_ops(kind)
 
 
 register_backend(Backend("reference", ("cpu", "cuda", "meta"), _load_reference))
 register_backend(Backend("triton", ("cuda", "cpu"), _load_triton, _triton_device_check))
-register_backend(Backend("cpp", ("cpu",), lambda: _load_extension("C++")))
-register_backend(Backend("cuda", ("cuda",), lambda: _load_extension("CUDA")))
+register_backend(Backend("cpp", ("cpu",), lambda: _load_extension("cpp")))
+register_backend(Backend("cuda", ("cuda",), lambda: _load_extension("cuda")))
