@@ -94,3 +94,25 @@ def make_synthetic_dataset(root: str | os.PathLike, train_per_class: int = 16, t
         write_list(lists[split], entries)
     write_class_names(root / "classes.csv", classes)
     return {"root": root, "train": lists["train"], "test": lists["test"], "classes": root / "classes.csv"}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m mpfast.data.synthetic OUT``: writes the dataset and prints its files."""
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(prog="python -m mpfast.data.synthetic", description=__doc__.split("\n")[0])
+    parser.add_argument("out", help="folder to write (videos/, train.txt, test.txt, classes.csv)")
+    parser.add_argument("--train-per-class", type=int, default=128)
+    parser.add_argument("--test-per-class", type=int, default=32)
+    parser.add_argument("--size", type=int, default=32, help="frame side in pixels (even)")
+    parser.add_argument("--frames", type=int, default=16, help="frames per video")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    paths = make_synthetic_dataset(args.out, args.train_per_class, args.test_per_class, args.size, args.frames, args.seed)
+    print(json.dumps({key: str(value) for key, value in paths.items()}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
