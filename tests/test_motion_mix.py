@@ -9,8 +9,8 @@ from mpfast.ops.motion_mix import motion_mix_backward_ref
 
 from .helpers import DTYPES, compare_with_reference
 
-# (B, S, T, D): B=1, T=1 and 2, one stream, odd widths, widths beyond one block.
-CASES = [(2, 2, 8, 16), (1, 2, 1, 7), (3, 1, 2, 5), (2, 3, 5, 33), (1, 2, 16, 1000)]
+# (B, S, T, D): B=1, T=1 and 2, one stream, five streams, odd widths, widths beyond one block.
+CASES = [(2, 2, 8, 16), (1, 2, 1, 7), (3, 1, 2, 5), (2, 3, 5, 33), (1, 2, 16, 1000), (3, 5, 3, 77)]
 
 
 def inputs(batch, streams, frames, dim):
@@ -68,6 +68,15 @@ def test_zero_mean_gives_zero_embedding(backend, device):
     (u.sum() + v.sum() + mu.sum()).backward()
     for t in (h, m, gate):
         assert torch.isfinite(t.grad).all()
+
+
+def test_expanded_grads(backend, device):
+    """``.sum()`` of each output sends back stride-0 (expanded) gradients."""
+    args = [a.to(device).requires_grad_() for a in inputs(3, 2, 4, 9)]
+    got = torch.autograd.grad(sum(o.sum() for o in motion_mix(*args)), args)
+    want = torch.autograd.grad(sum(o.sum() for o in motion_mix_ref(*args)), args)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-10)
 
 
 def test_gate_cast_to_input_dtype():

@@ -11,7 +11,7 @@ from mpfast.ops.prompt_attention import prompt_attention_backward_ref
 
 from .helpers import DTYPES, compare_with_reference
 
-# (B, C, L, H, d, shared queries, mask): B=1, one key, odd C/L/d, d=128, masked rows.
+# (B, C, L, H, d, shared queries, mask): B=1, one key, odd C/L/d, d=128, masked rows, C and L beyond one block.
 CASES = [
     (2, 5, 4, 2, 8, True, None),
     (1, 1, 1, 1, 3, False, None),
@@ -19,6 +19,7 @@ CASES = [
     (2, 33, 9, 3, 32, False, "some"),
     (2, 4, 5, 1, 128, True, "all_first"),
     (2, 70, 40, 2, 64, True, "some"),
+    (2, 20, 100, 2, 24, True, "some"),  # several key blocks; grad of shared queries sums over B
 ]
 
 
@@ -100,6 +101,32 @@ def test_broadcast_keys_and_custom_scale(backend, device):
     k, v = torch.randn(2, 5, 2, 8, device=device), torch.randn(2, 5, 2, 8, device=device)
     k, v = k[:1].expand(3, 5, 2, 8), v[:1].expand(3, 5, 2, 8)
     torch.testing.assert_close(prompt_attention(q, k, v, 0.3), prompt_attention_ref(q, k, v, 0.3))
+
+
+def test_broadcast_keys_gradients(backend, device):
+    """The video <- text pattern: one query per video over class keys expanded (stride 0)
+    over the batch, with gradients flowing back to the shared keys and values."""
+    q = torch.randn(3, 1, 2, 8, dtype=torch.float64, device=device, requires_grad=True)
+    k = torch.randn(7, 2, 8, dtype=torch.float64, device=device, requires_grad=True)
+    v = torch.randn(7, 2, 8, dtype=torch.float64, device=device, requires_grad=True)
+    grad = torch.randn(3, 1, 2, 8, dtype=torch.float64, device=device)
+    results = []
+    for fn in (prompt_attention, prompt_attention_ref):
+        out = fn(q, k.expand(3, 7, 2, 8), v.expand(3, 7, 2, 8), 0.4)
+        results.append((out, *torch.autograd.grad(out, (q, k, v), grad)))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
+
+
+def test_expanded_grad_out(backend, device):
+    """``out.sum()`` sends back a stride-0 (expanded) gradient."""
+    q, k, v, _, mask = inputs(2, 5, 4, 2, 8, True, "some")
+    q, k, v = (t.to(device).requires_grad_() for t in (q, k, v))
+    mask = mask.to(device)
+    got = torch.autograd.grad(prompt_attention(q, k, v, None, mask).sum(), (q, k, v))
+    want = torch.autograd.grad(prompt_attention_ref(q, k, v, None, mask).sum(), (q, k, v))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-10)
 
 
 def test_fully_padded_rows_are_zero_with_finite_grads(backend, device):

@@ -9,7 +9,8 @@ from mpfast.ops.temporal_diff import temporal_diff_backward_ref
 
 from .helpers import DTYPES, compare_with_reference
 
-# (x shape, strides): B=1, T=1 and 2, strides >= T, odd feature sizes, patch-token and pixel layouts.
+# (x shape, strides): B=1, T=1 and 2, strides >= T, odd feature sizes, patch-token and pixel layouts,
+# features beyond one kernel block.
 CASES = [
     ((2, 8, 16), (1, 4)),
     ((1, 1, 7), (1, 2)),
@@ -17,6 +18,7 @@ CASES = [
     ((2, 5, 33), (1, 2, 4, 5, 9)),
     ((1, 6, 3, 5, 7), (2,)),
     ((2, 16, 1000), (1, 8)),
+    ((1, 3, 2, 40, 60), (1, 2)),  # 4800 features: several feature blocks
 ]
 
 
@@ -64,6 +66,14 @@ def test_noncontiguous(backend, device, shape, strides):
 def test_transposed_input(backend, device):
     x = torch.randn(8, 3, 20, device=device).transpose(0, 1)  # [3, 8, 20], time stride 20, batch stride 160
     torch.testing.assert_close(temporal_diff(x, [1, 3]), temporal_diff_ref(x, [1, 3]))
+
+
+def test_expanded_grad(backend, device):
+    """``out.sum()`` sends back a stride-0 (expanded) gradient."""
+    x = torch.randn(2, 6, 3, 5, dtype=torch.float64, device=device, requires_grad=True)
+    (got,) = torch.autograd.grad(temporal_diff(x, [1, 4]).sum(), x)
+    (want,) = torch.autograd.grad(temporal_diff_ref(x, [1, 4]).sum(), x)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
 
 
 def test_default_strides():
