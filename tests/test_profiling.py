@@ -136,6 +136,8 @@ def test_head_matches_the_hand_derived_formula(tiny, frames, classes, prompts):
     cost.per_video.check_agreement()
     cost.at_batch_one.check_agreement()
     assert {"motion", "prompts", "communication"} <= set(cost.per_video.fvcore_by_module)
+    for count in (cost.per_video, cost.at_batch_one):
+        assert count.fvcore_by_module[""] == count.fvcore and count.true_by_module[""] == count.true
 
 
 def test_skipped_arithmetic_ops_are_listed():

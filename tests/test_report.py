@@ -18,7 +18,10 @@ def report_run(tmp_path_factory):
     argv = ["report", "--model", "mpfast-tiny", "--frames", "3", "6", "--batch", "1", "3", "--classes", "7",
             "--device", "cpu", "--warmup", "1", "--iterations", "3", "--no-progress",
             "--out", str(out / "dir"), "--json", str(out / "alone.json")]
-    return main(argv), out
+    # The report times whatever backend is chosen; the reference keeps this test free of
+    # extension builds (the cpp backend compiles on first use).
+    with mpfast.ops.backend("reference"):
+        return main(argv), out
 
 
 def test_report_writes_every_output(report_run, capsys):
@@ -37,7 +40,7 @@ def test_report_numbers_are_consistent(report_run):
     model, _, _, _ = mpfast.create_model_and_transforms("mpfast-tiny", num_frames=3)
     params = count_parameters(model)
     assert (report["parameters"]["total"], report["parameters"]["trainable"]) == (params.total, params.trainable)
-    assert "random" in report["weights"]
+    assert "random" in report["weights"] and report["ops_backend"] == "reference"
     encoder = report["flops"]["frame_encoder"]
     # The frame encoder is exactly linear in frames; both counters agree.
     assert encoder["6"]["gflops_fvcore_style"] == pytest.approx(2 * encoder["3"]["gflops_fvcore_style"])
@@ -71,8 +74,9 @@ def test_report_markdown_names_both_conventions_and_skipped_ops(report_run):
 
 
 def test_report_prints_a_summary(tmp_path, capsys):
-    code = main(["report", "--model", "mpfast-tiny", "--frames", "2", "--batch", "2", "--classes", "3", "--device", "cpu",
-                 "--warmup", "0", "--iterations", "1", "--no-progress", "--no-sweep"])
+    with mpfast.ops.backend("reference"):
+        code = main(["report", "--model", "mpfast-tiny", "--frames", "2", "--batch", "2", "--classes", "3",
+                     "--device", "cpu", "--warmup", "0", "--iterations", "1", "--no-progress", "--no-sweep"])
     printed = capsys.readouterr().out
     assert code == 0
     for needle in ("parameters:", "frozen CLIP frame encoder", "head per video (C=3)", "videos/s", "overhead"):

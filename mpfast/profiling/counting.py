@@ -324,8 +324,11 @@ def count_flops(module: nn.Module, inputs: tuple, num_frames: int | None = None)
         raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
     if not isinstance(inputs, tuple):
         raise TypeError(f"inputs must be a tuple of tensors, got {type(inputs).__name__}")
+    from ..ops import backend
+
     strides = traceable_strides(module, num_frames) if num_frames is not None else contextlib.nullcontext()
-    with torch.no_grad(), strides, warnings.catch_warnings():
+    # FLOPs depend on shapes only: the reference ops count the same and load no extension.
+    with torch.no_grad(), backend("reference"), strides, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         analysis = FlopCountAnalysis(module, inputs).set_op_handle(**_fvcore_handles())
         analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
@@ -336,7 +339,7 @@ def count_flops(module: nn.Module, inputs: tuple, num_frames: int | None = None)
 
     counter = FlopCounterMode(depth=1000, display=False, custom_mapping=_torch_formulas())
     recorder = _OpRecorder()
-    with torch.no_grad(), counter, recorder:
+    with torch.no_grad(), backend("reference"), counter, recorder:
         module(*inputs)
     counts = counter.get_flop_counts()
     root = type(module).__name__
@@ -451,8 +454,10 @@ class _TextEncoder(nn.Module):
 
 
 def _strip_model_prefix(count: FlopCount) -> FlopCount:
+    # The wrapper calls a method of ``model`` (not its forward), so the root ("") holds
+    # everything and "model" may miss what runs in that method itself: drop "model".
     def strip(d):
-        return {("" if k == "model" else k[len("model."):] if k.startswith("model.") else k): v for k, v in d.items()}
+        return {(k[len("model."):] if k.startswith("model.") else k): v for k, v in d.items() if k != "model"}
 
     return dataclasses.replace(count, fvcore_by_module=strip(count.fvcore_by_module),
                                true_by_module=strip(count.true_by_module),

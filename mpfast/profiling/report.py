@@ -277,6 +277,8 @@ def build_report(options: ReportOptions, progress: bool = True) -> dict:
         "device_description": _device_description(device),
         "dtype": options.dtype,
         "compile": options.compile,
+        "ops_backend": mpfast.ops.requested_backend(),
+        "available_backends": {k: v is None for k, v in mpfast.ops.available_backends(device.type).items()},
         "classes": options.classes,
         "frames": list(options.frames),
         "batches": list(batches),
@@ -308,7 +310,8 @@ def render_markdown(report: dict) -> str:
         "",
         f"{report['date']}; mpfast {report['mpfast_version']}, torch {report['torch_version']}; "
         f"device {report['device']} ({report['device_description']}); dtype {report['dtype']}"
-        f"{'; torch.compile' if report['compile'] else ''}.",
+        f"{'; torch.compile' if report['compile'] else ''}; mpfast ops backend {report['ops_backend']} "
+        f"(available: {', '.join(k for k, ok in report['available_backends'].items() if ok)}).",
         f"Weights: {report['weights']}.",
         "",
         "## Parameters",
@@ -366,12 +369,15 @@ def render_markdown(report: dict) -> str:
             for op, v in entry[key].items():
                 if v:
                     lines.append(f"| {counter} | {op} | {_g(v):.4f} |")
-        lines += ["", f"### By module: {label}, T={first}", "", "| module | fvcore-style (fvcore) | true (FlopCounterMode) |",
+        lines += ["", f"### By module: {label}, T={first}", "",
+                  "A module entered through a method other than its forward has no FlopCounterMode row (-).", "",
+                  "| module | fvcore-style (fvcore) | true (FlopCounterMode) |",
                   "| --- | ---: | ---: |"]
         names = sorted(set(entry["fvcore_by_module"]) | set(entry["flop_counter_mode_by_module"]))
         for name in names:
-            lines.append(f"| {name or '(all)'} | {_g(entry['fvcore_by_module'].get(name, 0)):.4f} | "
-                         f"{_g(entry['flop_counter_mode_by_module'].get(name, 0)):.4f} |")
+            cells = [f"{_g(d[name]):.4f}" if name in d else "-"
+                     for d in (entry["fvcore_by_module"], entry["flop_counter_mode_by_module"])]
+            lines.append(f"| {name or '(all)'} | {cells[0]} | {cells[1]} |")
         skipped = entry["skipped_ops"]
         lines += ["", "Ops not counted (element-wise, by convention): "
                   + "; ".join(f"{c}: " + (", ".join(f"{op} x{n}" for op, n in ops.items()) or "none")
