@@ -1,7 +1,7 @@
 // Registers the mpfast kernels as torch operators and checks every argument first.
 //
 // Compiled twice: for the C++ backend (namespace mpfast_cpp, CPU kernels) and, with
-// MPFAST_WITH_CUDA defined, for the CUDA backend (namespace mpfast_cuda). Each op takes
+// MPFAST_WITH_CUDA defined (bindings_cuda.cpp), for the CUDA backend (namespace mpfast_cuda). Each op takes
 // its outputs as arguments (allocated by mpfast.ops.extension with
 // mpfast.ops._common.new_output) and returns nothing:
 //   torch.ops.mpfast_cpp.temporal_diff_fwd(x, strides, out)
@@ -86,6 +86,17 @@ void check_strides(const char* op, c10::IntArrayRef strides) {
   }
 }
 
+// The CUDA kernels index at most kMaxCudaFeatureDims merged feature dimensions; a rarer
+// layout is copied to a contiguous one first. The CPU kernels take any layout.
+Tensor feature_layout(const Tensor& t, int64_t first_feature_dim) {
+#ifdef MPFAST_WITH_CUDA
+  if (static_cast<int>(mpfast::collapse_dims(t, first_feature_dim).size()) > mpfast::kMaxCudaFeatureDims) {
+    return t.contiguous();
+  }
+#endif
+  return t;
+}
+
 void temporal_diff_fwd(const Tensor& x, c10::IntArrayRef strides, const Tensor& out) {
   const char* op = MPFAST_STR(MPFAST_NS) ".temporal_diff_fwd";
   check_input(op, "x", x, -1, "");
@@ -96,7 +107,7 @@ void temporal_diff_fwd(const Tensor& x, c10::IntArrayRef strides, const Tensor& 
   shape.insert(shape.end(), x.sizes().begin() + 1, x.sizes().end());
   check_output(op, "out", out, shape, x);
   MPFAST_DEVICE_GUARD(x);
-  MPFAST_IMPL(temporal_diff_fwd)(x, strides, out);
+  MPFAST_IMPL(temporal_diff_fwd)(feature_layout(x, 2), strides, out);
 }
 
 void temporal_diff_bwd(const Tensor& grad, c10::IntArrayRef strides, const Tensor& grad_x) {
@@ -111,7 +122,7 @@ void temporal_diff_bwd(const Tensor& grad, c10::IntArrayRef strides, const Tenso
   shape.insert(shape.end(), grad.sizes().begin() + 2, grad.sizes().end());
   check_output(op, "grad_x", grad_x, shape, grad);
   MPFAST_DEVICE_GUARD(grad);
-  MPFAST_IMPL(temporal_diff_bwd)(grad, strides, grad_x);
+  MPFAST_IMPL(temporal_diff_bwd)(feature_layout(grad, 3), strides, grad_x);
 }
 
 void check_motion_inputs(const char* op, const Tensor& h, const Tensor& m, const Tensor& gate) {

@@ -45,6 +45,10 @@ inline std::vector<Dim> collapse_dims(const at::TensorBase& t, int64_t first) {
   return dims;
 }
 
+// The CUDA kernels take at most this many merged feature dimensions (see collapse_dims);
+// the bindings make rarer layouts contiguous first.
+constexpr int kMaxCudaFeatureDims = 6;
+
 #define MPFAST_DECLARE_OPS(suffix)                                                                      \
   void temporal_diff_fwd_##suffix(const at::TensorBase& x, c10::IntArrayRef strides,                   \
                                   const at::TensorBase& out);                                          \

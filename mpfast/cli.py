@@ -13,7 +13,7 @@ import logging
 import sys
 
 # Modules that add subcommands (each defines ``add_commands(subparsers)``).
-COMMAND_MODULES: tuple[str, ...] = ("mpfast.engine.commands", "mpfast.profiling.commands")
+COMMAND_MODULES: tuple[str, ...] = ("mpfast.engine.commands", "mpfast.profiling.commands", "mpfast.ops.extension")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -46,10 +46,10 @@ from ._registry import BackendUnavailableError, OpImpl
 logger = logging.getLogger("mpfast.ops")
 
 KINDS = ("cpp", "cuda")
-_HEADERS = ("mpfast.h", "cpu_utils.h", "cuda_utils.cuh")
+_HEADERS = ("mpfast.h", "cpu_utils.h", "cuda_utils.cuh", "bindings.cpp")
 _SOURCES = {
     "cpp": ("bindings.cpp", "temporal_diff.cpp", "motion_mix.cpp", "prompt_attention.cpp"),
-    "cuda": ("bindings.cpp", "temporal_diff.cu", "motion_mix.cu", "prompt_attention.cu"),
+    "cuda": ("bindings_cuda.cpp", "temporal_diff.cu", "motion_mix.cu", "prompt_attention.cu"),
 }
 _CXX_FLAGS = ("-O3", "-fopenmp", "-ffp-contract=fast", "-fno-math-errno", "-Wno-unused-parameter")
 _LD_FLAGS = ("-fopenmp",)
@@ -136,8 +136,7 @@ def cuda_arch_flags() -> list[str]:
 def build_flags(kind: str) -> dict[str, list[str]]:
     """Compiler flags of a backend: ``cxx``, ``nvcc`` (CUDA only) and ``ld``."""
     _check_kind(kind)
-    cxx = list(_CXX_FLAGS) + (["-DMPFAST_WITH_CUDA"] if kind == "cuda" else [])
-    flags = {"cxx": cxx, "ld": list(_LD_FLAGS)}
+    flags = {"cxx": list(_CXX_FLAGS), "ld": list(_LD_FLAGS)}
     if kind == "cuda":
         flags["nvcc"] = list(_NVCC_FLAGS) + cuda_arch_flags()
     return flags
@@ -185,7 +184,11 @@ def metadata_path(library: Path) -> Path:
 def check_metadata(library: Path, kind: str) -> dict:
     """Reads a library's build metadata; raises :class:`BackendUnavailableError` unless it fits this torch/Python."""
     meta_file = metadata_path(library)
-    rebuild = "rebuild it with `mpfast build --force` (or delete it to compile on first use)"
+    if library.parent == _prebuilt_dir():
+        rebuild = ("rebuild it (MPFAST_BUILD_EXT=1 pip install --no-build-isolation -e .) "
+                   "or delete it to compile on first use")
+    else:
+        rebuild = "rebuild it with `mpfast build --force`"
     if not meta_file.is_file():
         raise BackendUnavailableError(f"{library} has no build metadata ({meta_file.name}); {rebuild}")
     try:
@@ -277,7 +280,6 @@ def build(kind: str, verbose: bool = False, force: bool = False) -> Path:
         BackendUnavailableError: no compiler/ninja/nvcc, or compilation failed (the message says why).
     """
     _check_kind(kind)
-    _check_toolchain(kind)
     folder = build_dir(kind)
     library = folder / f"{library_name(kind)}.so"
     with _lock:
@@ -288,6 +290,7 @@ def build(kind: str, verbose: bool = False, force: bool = False) -> Path:
         if library.is_file() and metadata_path(library).is_file():
             check_metadata(library, kind)
             return _load_library(library, kind)
+        _check_toolchain(kind)
         folder.mkdir(parents=True, exist_ok=True)
         logger.warning("mpfast: compiling the %s extension into %s (first use; about a minute)", kind, folder)
         start = time.perf_counter()

@@ -1,0 +1,95 @@
+// Helpers of the CUDA kernels: launch geometry, warp reductions, views of strided tensors.
+#pragma once
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/core/TensorBase.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "mpfast.h"
+
+// float16 and bfloat16 are computed in float32; float32 and float64 in themselves.
+#define MPFAST_DISPATCH_FLOATS(dtype, name, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, name, __VA_ARGS__)
+
+namespace mpfast::cuda {
+
+template <typename T>
+using acc_t = at::opmath_type<T>;
+
+constexpr int kThreads = 256;
+constexpr int kWarp = 32;
+constexpr int64_t kMaxBlocks = int64_t(1) << 20;  // grid-stride loops cover the rest
+
+inline unsigned blocks_for(int64_t n, int threads = kThreads) {
+  return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>((n + threads - 1) / threads, kMaxBlocks)));
+}
+
+inline cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream(); }
+
+// Grid-stride loop over [0, n) with 64-bit indices.
+#define MPFAST_KERNEL_LOOP(i, n)                                                                            \
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < (n);                   \
+       i += static_cast<int64_t>(blockDim.x) * gridDim.x)
+
+template <typename A>
+__device__ __forceinline__ A warp_sum(A x) {
+#pragma unroll
+  for (int offset = kWarp / 2; offset > 0; offset /= 2) x += __shfl_xor_sync(0xffffffffu, x, offset);
+  return x;
+}
+
+// Sum over a block of kThreads threads; every thread gets the result.
+template <typename A>
+__device__ A block_sum(A x) {
+  __shared__ A partial[kThreads / kWarp];
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
+  x = warp_sum(x);
+  __syncthreads();  // partial may still be read from a previous call
+  if (lane == 0) partial[warp] = x;
+  __syncthreads();
+  A total = 0;
+  for (int w = 0; w < static_cast<int>(blockDim.x) / kWarp; ++w) total += partial[w];
+  return total;
+}
+
+// Strided feature dimensions (merged, at most kMaxFeatureDims) of a tensor.
+constexpr int kMaxFeatureDims = kMaxCudaFeatureDims;
+struct Features {
+  int ndim;
+  int64_t size[kMaxFeatureDims];
+  int64_t stride[kMaxFeatureDims];
+  int64_t numel;
+
+  __device__ __forceinline__ int64_t offset(int64_t f) const {
+    int64_t off = 0;
+    for (int i = ndim - 1; i >= 0; --i) {
+      off += (f % size[i]) * stride[i];
+      f /= size[i];
+    }
+    return off;
+  }
+};
+
+inline Features features_of(const at::TensorBase& t, int64_t first) {
+  const std::vector<Dim> dims = collapse_dims(t, first);
+  TORCH_CHECK(static_cast<int>(dims.size()) <= kMaxFeatureDims, "mpfast_cuda: more than ", kMaxFeatureDims,
+              " non-mergeable feature dimensions (bindings make such inputs contiguous)");
+  Features f{};
+  f.ndim = static_cast<int>(dims.size());
+  f.numel = 1;
+  for (int i = 0; i < f.ndim; ++i) {
+    f.size[i] = dims[i].size;
+    f.stride[i] = dims[i].stride;
+    f.numel *= dims[i].size;
+  }
+  return f;
+}
+
+}  // namespace mpfast::cuda

@@ -1,0 +1,253 @@
+"""The compiled backends (csrc/): argument checks in C++, build metadata, ``mpfast build``, CUDA compile.
+
+Values and gradients of the ``cpp`` backend are tested by the op suites
+(tests/test_<op>.py run every backend); here the raw operators are called directly.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+import mpfast
+from mpfast import cli
+from mpfast.ops import BackendUnavailableError, _common, extension, temporal_diff_ref
+from mpfast.ops._registry import Backend
+
+from .conftest import required_backends
+
+
+@pytest.fixture(scope="module")
+def ops():
+    """``torch.ops.mpfast_cpp`` (compiled on first use)."""
+    reason = mpfast.ops.available_backends("cpu")["cpp"]
+    if reason is not None:
+        if "cpp" in required_backends():
+            pytest.fail(f"required backend cpp cannot run: {reason}")
+        pytest.skip(reason)
+    return torch.ops.mpfast_cpp
+
+
+def _td(x=None, strides=(1, 2), out=None):
+    x = torch.randn(2, 4, 3) if x is None else x
+    out = torch.empty(x.shape[0], len(strides), *x.shape[1:], dtype=x.dtype) if out is None else out
+    return x, list(strides), out
+
+
+def _mm(h=None, m=None, gate=None):
+    h = torch.randn(2, 3, 4) if h is None else h
+    m = torch.randn(2, 2, 3, 4) if m is None else m
+    gate = torch.randn(2, 4) if gate is None else gate
+    return h, m, gate
+
+
+def _mm_out(h, m, gate):
+    return torch.empty(h.shape), torch.empty(h.shape[0], h.shape[2]), torch.empty(h.shape[0], h.shape[2])
+
+
+def _pa(q=None, k=None, v=None, scale=0.5, mask=None, out=None):
+    q = torch.randn(5, 2, 4) if q is None else q
+    k = torch.randn(3, 6, 2, 4) if k is None else k
+    v = torch.randn(3, 6, 2, 4) if v is None else v
+    out = torch.empty(k.shape[0], *q.shape[-3:]) if out is None else out
+    return q, k, v, scale, mask, out
+
+
+def _pa_bwd(grad_out=None, grads=None, **kwargs):
+    q, k, v, scale, mask, _ = _pa(**kwargs)
+    grad_out = torch.randn(k.shape[0], *q.shape[-3:]) if grad_out is None else grad_out
+    grads = [torch.empty(t.shape) for t in (q, k, v)] if grads is None else grads
+    return grad_out, q, k, v, scale, mask, *grads
+
+
+meta = torch.device("meta")
+
+# (operator, arguments, exception, message fragment)
+BAD_INPUTS = [
+    ("temporal_diff_fwd", lambda: _td(x=torch.ones(2, 4, 3, dtype=torch.int64),
+                                      out=torch.empty(2, 2, 4, 3)), TypeError, "x must have dtype float16"),
+    ("temporal_diff_fwd", lambda: _td(x=torch.ones(5), out=torch.empty(5)), ValueError, "x must have at least 2"),
+    ("temporal_diff_fwd", lambda: _td(strides=()), ValueError, "strides must be a non-empty"),
+    ("temporal_diff_fwd", lambda: _td(strides=(1, 0)), ValueError, "strides must be >= 1, got 0 at position 1"),
+    ("temporal_diff_fwd", lambda: _td(out=torch.empty(2, 3, 4, 3)), ValueError, r"out must have shape \[2, 2, 4, 3\]"),
+    ("temporal_diff_fwd", lambda: _td(out=torch.empty(2, 2, 4, 3, dtype=torch.float64)), TypeError,
+     "out must have the dtype of the inputs"),
+    ("temporal_diff_fwd", lambda: _td(out=torch.empty(2, 2, 3, 4).transpose(2, 3)), ValueError,
+     "out must be contiguous"),
+    ("temporal_diff_fwd", lambda: _td(x=torch.ones(2, 4, 3, device=meta), out=torch.empty(2, 2, 4, 3, device=meta)),
+     ValueError, "x must be a CPU tensor, got a tensor on meta"),
+    ("temporal_diff_fwd", lambda: _td(out=torch.empty(2, 2, 4, 3, device=meta)), ValueError,
+     "out must be on the device of the inputs"),
+    ("temporal_diff_bwd", lambda: (torch.randn(2, 3, 4, 5), [1, 2], torch.empty(2, 4, 5)), ValueError,
+     "grad must have S = 2"),
+    ("temporal_diff_bwd", lambda: (torch.randn(2, 2, 4, 5), [1, 2], torch.empty(2, 4, 6)), ValueError,
+     r"grad_x must have shape \[2, 4, 5\]"),
+    ("temporal_diff_bwd", lambda: (torch.randn(2, 2), [1, 2], torch.empty(2)), ValueError,
+     "grad must have at least 3 dimensions"),
+    ("motion_mix_fwd", lambda: (*_mm(h=torch.randn(3, 4)), *_mm_out(*_mm())), ValueError,
+     r"h must have 3 dimensions \[B,T,D\]"),
+    ("motion_mix_fwd", lambda: (*_mm(m=torch.randn(2, 2, 5, 4)), *_mm_out(*_mm())), ValueError, "m must have shape"),
+    ("motion_mix_fwd", lambda: (*_mm(gate=torch.randn(3, 4)), *_mm_out(*_mm())), ValueError,
+     r"gate must have shape \[S,D\] = \[2, 4\]"),
+    ("motion_mix_fwd", lambda: (*_mm(m=torch.randn(2, 2, 3, 4, dtype=torch.float64)), *_mm_out(*_mm())), TypeError,
+     "m must have the dtype of h"),
+    ("motion_mix_fwd", lambda: (*_mm(h=torch.randn(2, 0, 4), m=torch.randn(2, 2, 0, 4)), torch.empty(2, 0, 4),
+                                torch.empty(2, 4), torch.empty(2, 4)), ValueError, "T >= 1"),
+    ("motion_mix_fwd", lambda: (*_mm(), torch.empty(2, 3, 4), torch.empty(2, 5), torch.empty(2, 4)), ValueError,
+     r"v must have shape \[2, 4\]"),
+    ("motion_mix_fwd", lambda: (*_mm(gate=torch.randn(2, 4, device=meta)), *_mm_out(*_mm())), ValueError,
+     "gate must be a CPU tensor"),
+    ("motion_mix_bwd", lambda: (torch.randn(2, 3, 5), torch.randn(2, 4), torch.randn(2, 4), *_mm(),
+                                torch.empty(2, 3, 4), torch.empty(2, 2, 3, 4), torch.empty(2, 4)), ValueError,
+     "grad_u must have the shape of h"),
+    ("motion_mix_bwd", lambda: (torch.randn(2, 3, 4), torch.randn(4), torch.randn(2, 4), *_mm(),
+                                torch.empty(2, 3, 4), torch.empty(2, 2, 3, 4), torch.empty(2, 4)), ValueError,
+     r"grad_v must have shape \[B,D\]"),
+    ("motion_mix_bwd", lambda: (torch.randn(2, 3, 4), torch.randn(2, 4), torch.randn(2, 4), *_mm(),
+                                torch.empty(2, 3, 4), torch.empty(2, 2, 3, 4).half(), torch.empty(2, 4)), TypeError,
+     "grad_m must have the dtype"),
+    ("motion_mix_bwd", lambda: (torch.randn(2, 3, 4), torch.randn(2, 4), torch.randn(2, 4).bool(), *_mm(),
+                                torch.empty(2, 3, 4), torch.empty(2, 2, 3, 4), torch.empty(2, 4)), TypeError,
+     "grad_mu must have dtype float16"),
+    ("prompt_attention_fwd", lambda: _pa(q=torch.randn(2, 4)), ValueError, "q must have 3 or 4 dimensions"),
+    ("prompt_attention_fwd", lambda: _pa(v=torch.randn(3, 5, 2, 4)), ValueError, "k and v must have the same shape"),
+    ("prompt_attention_fwd", lambda: _pa(q=torch.randn(5, 2, 3)), ValueError, r"q must end in \[H,d\] = \[2, 4\]"),
+    ("prompt_attention_fwd", lambda: _pa(q=torch.randn(2, 5, 2, 4)), ValueError, "must have B = 3"),
+    ("prompt_attention_fwd", lambda: _pa(k=torch.randn(3, 0, 2, 4), v=torch.randn(3, 0, 2, 4)), ValueError, "L >= 1"),
+    ("prompt_attention_fwd", lambda: _pa(mask=torch.zeros(3, 6)), TypeError, "key_padding_mask must be a bool"),
+    ("prompt_attention_fwd", lambda: _pa(mask=torch.zeros(3, 5, dtype=torch.bool)), ValueError,
+     r"key_padding_mask must have shape \[B,L\] = \[3, 6\]"),
+    ("prompt_attention_fwd", lambda: _pa(scale=float("nan")), ValueError, "scale must be finite"),
+    ("prompt_attention_fwd", lambda: _pa(out=torch.empty(3, 5, 2, 5)), ValueError, r"out must have shape \[3, 5, 2, 4\]"),
+    ("prompt_attention_fwd", lambda: _pa(k=torch.randn(3, 6, 2, 4).half()), TypeError, "k must have the dtype of q"),
+    ("prompt_attention_fwd", lambda: _pa(mask=torch.zeros(3, 6, dtype=torch.bool, device=meta)), ValueError,
+     "key_padding_mask must be on the device of q"),
+    ("prompt_attention_bwd", lambda: _pa_bwd(grad_out=torch.randn(3, 5, 2, 3)), ValueError,
+     r"grad_out must have shape \[B,C,H,d\] = \[3, 5, 2, 4\]"),
+    ("prompt_attention_bwd", lambda: _pa_bwd(grads=[torch.empty(3, 5, 2, 4), torch.empty(3, 6, 2, 4),
+                                                     torch.empty(3, 6, 2, 4)]), ValueError,
+     r"grad_q must have shape \[5, 2, 4\]"),
+]
+
+
+@pytest.mark.parametrize("name,make_args,error,match", BAD_INPUTS, ids=[f"{c[0]}-{i}" for i, c in enumerate(BAD_INPUTS)])
+def test_bad_input_raises(ops, name, make_args, error, match):
+    with pytest.raises(error, match=match):
+        getattr(ops, name)(*make_args())
+
+
+@pytest.mark.parametrize("name", ["temporal_diff_fwd", "motion_mix_fwd", "prompt_attention_fwd"])
+def test_wrong_argument_types_raise(ops, name):
+    with pytest.raises((TypeError, RuntimeError)):
+        getattr(ops, name)(None, [1], None)
+
+
+def test_outputs_written_in_place_through_registry(ops):
+    """The cpp backend allocates with new_output: poisoned outputs come back fully written."""
+    x = torch.randn(2, 5, 3, 4).permute(0, 1, 3, 2)  # features not mergeable: strided rows
+    with mpfast.ops.backend("cpp"), _common.poison_outputs():
+        out = mpfast.ops.temporal_diff(x, [1, 3])
+    torch.testing.assert_close(out, temporal_diff_ref(x, [1, 3]), rtol=0, atol=0)
+
+
+def test_expanded_gradient(ops):
+    """Gradients that autograd expands with stride 0 (from a sum) are read in place."""
+    x = torch.randn(3, 6, 7, requires_grad=True)
+    with mpfast.ops.backend("cpp"):
+        (grad,) = torch.autograd.grad(mpfast.ops.temporal_diff(x, [1, 2]).sum(), x)
+    (want,) = torch.autograd.grad(temporal_diff_ref(x, [1, 2]).sum(), x)
+    torch.testing.assert_close(grad, want)
+
+
+def test_metadata_beside_library(ops):
+    library = extension.load("cpp")
+    meta = json.loads(extension.metadata_path(library).read_text())
+    assert meta["torch"] == torch.__version__
+    assert meta["kind"] == "cpp" and meta["flags"]["cxx"] == extension.build_flags("cpp")["cxx"]
+
+
+def _copy_library(tmp_path: Path, edit) -> Path:
+    library = extension.load("cpp")
+    folder = tmp_path / "_ext"
+    folder.mkdir()
+    copy = folder / library.name
+    shutil.copy(library, copy)
+    meta = json.loads(extension.metadata_path(library).read_text())
+    edit(meta)
+    if meta:
+        extension.metadata_path(copy).write_text(json.dumps(meta))
+    return copy
+
+
+def test_library_for_another_torch_is_refused(ops, tmp_path, monkeypatch):
+    copy = _copy_library(tmp_path, lambda meta: meta.update(torch="2.0.0"))
+    expected = re.escape(f"was built for torch 2.0.0 but this is torch {torch.__version__}; rebuild it")
+    with pytest.raises(BackendUnavailableError, match=expected):
+        extension.check_metadata(copy, "cpp")
+    # A prebuilt library (mpfast/_ext) is checked before it is loaded.
+    monkeypatch.setattr(extension, "_prebuilt_dir", lambda: copy.parent)
+    monkeypatch.setattr(extension, "_loaded", {})
+    with pytest.raises(BackendUnavailableError, match="built for torch 2.0.0.*pip install --no-build-isolation"):
+        extension.load("cpp")
+
+
+def test_library_without_metadata_is_refused(ops, tmp_path):
+    copy = _copy_library(tmp_path, lambda meta: meta.clear())
+    with pytest.raises(BackendUnavailableError, match="has no build metadata"):
+        extension.check_metadata(copy, "cpp")
+
+
+def test_missing_compiler_makes_backend_unavailable(tmp_path, monkeypatch):
+    """No cached build and no compiler: the reason reaches the registry (and mpfast.info); auto falls back."""
+    monkeypatch.setenv("MPFAST_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CXX", "mpfast-no-such-compiler")
+    monkeypatch.setattr(extension, "_loaded", {})
+    monkeypatch.setattr(extension, "_prebuilt_dir", lambda: tmp_path / "none")
+    backend = Backend("cpp", ("cpu",), lambda: extension.load_ops("cpp"))
+    reason = backend.unavailable_reason("cpu")
+    assert reason is not None and "no C++ compiler found" in reason and "mpfast-no-such-compiler" in reason
+    assert not any(tmp_path.iterdir()), "nothing is built without a compiler"
+
+
+def test_build_command_prints_where(ops, capsys):
+    assert "mpfast.ops.extension" in cli.COMMAND_MODULES
+    assert cli.main(["build", "--kind", "cpp"]) == 0
+    printed = capsys.readouterr().out
+    library = extension.load("cpp")
+    assert f"cpp: {library}" in printed and str(extension.metadata_path(library)) in printed
+
+
+def test_cuda_arch_flags(monkeypatch):
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
+    assert extension.cuda_arch_flags() == ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90"]
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.6;9.0+PTX")
+    assert extension.cuda_arch_flags() == ["-gencode=arch=compute_86,code=sm_86", "-gencode=arch=compute_90,code=sm_90",
+                                           "-gencode=arch=compute_90,code=compute_90"]
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "sm90")
+    with pytest.raises(ValueError, match="TORCH_CUDA_ARCH_LIST"):
+        extension.cuda_arch_flags()
+
+
+@pytest.mark.slow
+def test_cuda_sources_compile(tmp_path, monkeypatch):
+    """Compiles every CUDA-build translation unit to an object file (no GPU needed; CI has nvcc)."""
+    if not os.environ.get("CUDA_HOME") and Path("/usr/local/cuda/bin/nvcc").is_file():
+        monkeypatch.setenv("CUDA_HOME", "/usr/local/cuda")
+    if extension.cuda_home() is None:
+        pytest.skip("nvcc not found: set CUDA_HOME to a CUDA toolkit to compile the CUDA sources")
+    commands = extension.cuda_object_commands(tmp_path)
+    assert len(commands) == len(extension.sources("cuda"))
+    jobs = max(1, min(len(commands), os.cpu_count() or 1))
+    with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
+        results = list(pool.map(lambda cmd: subprocess.run(cmd, capture_output=True, text=True), commands))
+    failures = [f"{cmd[-3]}:\n{res.stderr[-4000:]}" for cmd, res in zip(commands, results) if res.returncode != 0]
+    assert not failures, "CUDA compile errors:\n" + "\n".join(failures)
+    assert all((tmp_path / (src.name + ".o")).stat().st_size > 0 for src in extension.sources("cuda"))
