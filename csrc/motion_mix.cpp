@@ -41,12 +41,16 @@ struct View4 {  // [B, S, T, D]
 };
 
 template <typename T>
+MPFAST_CLONES void tanh_row(acc_t<T>* __restrict a, const T* __restrict g, int64_t n, int64_t stride) {
+  for (int64_t i = 0; i < n; ++i) a[i] = tanh_fast(static_cast<acc_t<T>>(g[i * stride]));
+}
+
+template <typename T>
 std::vector<acc_t<T>> tanh_gate(const at::TensorBase& gate) {
   const int64_t streams = gate.size(0), dim = gate.size(1);
-  const T* g = gate.const_data_ptr<T>();
   std::vector<acc_t<T>> a(streams * dim);
   for (int64_t s = 0; s < streams; ++s)
-    for (int64_t d = 0; d < dim; ++d) a[s * dim + d] = std::tanh(static_cast<acc_t<T>>(g[s * gate.stride(0) + d * gate.stride(1)]));
+    tanh_row<T>(a.data() + s * dim, gate.const_data_ptr<T>() + s * gate.stride(0), dim, gate.stride(1));
   return a;
 }
 

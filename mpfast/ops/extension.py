@@ -374,37 +374,45 @@ def load(kind: str) -> Path:
 
 def _ops(namespace) -> dict[str, OpImpl]:
     """Python wrappers with the reference signatures: allocate outputs (poisonable), call the kernels."""
+    # OpOverload objects: calling them skips the overload resolution of torch.ops packets.
+    temporal_diff_fwd = namespace.temporal_diff_fwd.default
+    temporal_diff_bwd = namespace.temporal_diff_bwd.default
+    motion_mix_fwd = namespace.motion_mix_fwd.default
+    motion_mix_bwd = namespace.motion_mix_bwd.default
+    prompt_attention_fwd = namespace.prompt_attention_fwd.default
+    prompt_attention_bwd = namespace.prompt_attention_bwd.default
+    new_output = _common.new_output
 
     def temporal_diff(x, strides):
-        out = _common.new_output((x.shape[0], len(strides), *x.shape[1:]), x)
-        namespace.temporal_diff_fwd(x, list(strides), out)
+        out = new_output((x.shape[0], len(strides), *x.shape[1:]), x)
+        temporal_diff_fwd(x, list(strides), out)
         return out
 
     def temporal_diff_backward(grad, strides):
-        grad_x = _common.new_output((grad.shape[0], *grad.shape[2:]), grad)
-        namespace.temporal_diff_bwd(grad, list(strides), grad_x)
+        grad_x = new_output((grad.shape[0], *grad.shape[2:]), grad)
+        temporal_diff_bwd(grad, list(strides), grad_x)
         return grad_x
 
     def motion_mix(h, m, gate):
-        u = _common.new_output(h.shape, h)
-        v = _common.new_output((h.shape[0], h.shape[2]), h)
-        mu = _common.new_output((h.shape[0], h.shape[2]), h)
-        namespace.motion_mix_fwd(h, m, gate, u, v, mu)
+        u = new_output(h.shape, h)
+        v = new_output((h.shape[0], h.shape[2]), h)
+        mu = new_output((h.shape[0], h.shape[2]), h)
+        motion_mix_fwd(h, m, gate, u, v, mu)
         return u, v, mu
 
     def motion_mix_backward(grad_u, grad_v, grad_mu, h, m, gate):
-        grad_h, grad_m, grad_gate = (_common.new_output(t.shape, h) for t in (h, m, gate))
-        namespace.motion_mix_bwd(grad_u, grad_v, grad_mu, h, m, gate, grad_h, grad_m, grad_gate)
+        grad_h, grad_m, grad_gate = (new_output(t.shape, h) for t in (h, m, gate))
+        motion_mix_bwd(grad_u, grad_v, grad_mu, h, m, gate, grad_h, grad_m, grad_gate)
         return grad_h, grad_m, grad_gate
 
     def prompt_attention(q, k, v, scale, key_padding_mask=None):
-        out = _common.new_output((k.shape[0], *q.shape[-3:]), q)
-        namespace.prompt_attention_fwd(q, k, v, float(scale), key_padding_mask, out)
+        out = new_output((k.shape[0], *q.shape[-3:]), q)
+        prompt_attention_fwd(q, k, v, float(scale), key_padding_mask, out)
         return out
 
     def prompt_attention_backward(grad_out, q, k, v, scale, key_padding_mask=None):
-        grad_q, grad_k, grad_v = (_common.new_output(t.shape, q) for t in (q, k, v))
-        namespace.prompt_attention_bwd(grad_out, q, k, v, float(scale), key_padding_mask, grad_q, grad_k, grad_v)
+        grad_q, grad_k, grad_v = (new_output(t.shape, q) for t in (q, k, v))
+        prompt_attention_bwd(grad_out, q, k, v, float(scale), key_padding_mask, grad_q, grad_k, grad_v)
         return grad_q, grad_k, grad_v
 
     return {
