@@ -77,6 +77,31 @@ def test_eval_over_splits_reports_mean_and_std(data, trained, capsys):
     assert summary["top1"]["std"] == pytest.approx(0.0) and summary["top1"]["mean"] == summary["splits"][0]["top1"]
 
 
+def test_zero_shot_train_on_seen_classes_evaluate_on_unseen(data, tmp_path, capsys):
+    from mpfast.data import read_class_names, read_list, write_class_names, write_list
+    from mpfast.data.protocols import relabel
+
+    names = read_class_names(data["classes"])
+    seen, unseen = [0, 1], [2, 3]  # train on left/right, test on up/down
+    root = Path(data["root"])
+    write_list(root / "seen.txt", relabel(read_list(data["train"]), seen))
+    write_class_names(root / "seen.csv", [names[i] for i in seen])
+    unseen_test = relabel(read_list(data["test"]), unseen)
+    for split in (1, 2):  # two "splits", each one unseen video per class
+        write_list(root / f"unseen{split}.txt", unseen_test)
+    write_class_names(root / "unseen.csv", [names[i] for i in unseen])
+    output = tmp_path / "zs"
+    assert main(["train", *MODEL, "--num-frames", "4", "--train-list", str(root / "seen.txt"), "--classes",
+                 str(root / "seen.csv"), "--output", str(output), "--epochs", "1", "--batch-size", "2",
+                 "--cache-dir", str(tmp_path / "cache"), "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["eval", *MODEL, "--checkpoint", str(output / "last.safetensors"), "--classes", str(root / "unseen.csv"),
+                 "--list", str(root / "unseen1.txt"), "--list", str(root / "unseen2.txt"), "--no-progress"]) == 0
+    summary = _json(capsys)
+    assert [split["count"] for split in summary["splits"]] == [2, 2]
+    assert 0 <= summary["top1"]["mean"] <= 1 and summary["top5"]["mean"] == 1.0  # 2 classes: both in the top 5
+
+
 def test_classify_prints_top5(data, trained, capsys):
     video = str(Path(data["root"]) / "videos" / "test" / "moving_left_000.mp4")
     assert main(["classify", video, "--classes", "a,b,c,d,e,f", "--checkpoint", str(trained / "last.safetensors"),

@@ -104,13 +104,14 @@ def test_only_the_head_trains_and_metrics_are_logged(tiny_model_name, tmp_path):
 def test_training_fits_the_training_set(tiny_model_name):
     cache = _features(count=24)
     model = _model(tiny_model_name)
-    before, _, _ = evaluate(model, FeatureDataset(cache), CLASSES)
-    trainer = _trainer(model, cache, epochs=8, lr=3e-2)
+    before, logits, labels = evaluate(model, FeatureDataset(cache), CLASSES)
+    loss_before = torch.nn.functional.cross_entropy(logits, labels).item()
+    trainer = _trainer(model, cache, epochs=6, lr=3e-2)
     trainer.fit()
     after, logits, labels = evaluate(model, FeatureDataset(cache), CLASSES)
-    loss = torch.nn.functional.cross_entropy(logits, labels)
-    assert after["top1"] > before["top1"] and after["top1"] > 0.6
-    assert loss < 1.0 and after["count"] == 24
+    loss_after = torch.nn.functional.cross_entropy(logits, labels).item()
+    assert after["count"] == 24 and after["top1"] > before["top1"]
+    assert loss_after < 0.85 * loss_before, (loss_before, loss_after)
 
 
 def test_schedule_warms_up_then_decays():
