@@ -52,7 +52,9 @@ def skip_unless_runnable(impl: str, device: torch.device) -> None:
     if reason is not None:
         pytest.skip(reason)
     if impl == "triton" and (device.type == "cpu" or os.environ.get("TRITON_INTERPRET") == "1"):
-        pytest.skip("triton in interpreter mode (TRITON_INTERPRET=1 or CPU tensors) checks kernels; it is not a benchmark")
+        pytest.skip(
+            "triton in interpreter mode (TRITON_INTERPRET=1 or CPU tensors) checks kernels; it is not a benchmark"
+        )
 
 
 @functools.lru_cache(maxsize=None)
@@ -83,7 +85,9 @@ def call_for(impl: str, public: Callable, reference: Callable) -> Callable:
     return run
 
 
-def forward_backward(fn: Callable, inputs: Sequence[Tensor], args: Sequence, grads: Sequence[Tensor]) -> Callable[[], object]:
+def forward_backward(
+    fn: Callable, inputs: Sequence[Tensor], args: Sequence, grads: Sequence[Tensor]
+) -> Callable[[], object]:
     """A callable that runs ``fn(*args)`` and the gradients of ``inputs`` for ``grads``."""
 
     def step():
@@ -99,6 +103,7 @@ def run(benchmark, fn: Callable[[], object], device: torch.device, **info) -> No
 
     ``info`` must hold ``bytes`` and ``flops`` (per call) besides the labels.
     """
+
     def call():
         out = fn()
         if device.type == "cuda":

@@ -58,35 +58,49 @@ def describe(data: dict) -> str:
     machine = data.get("machine_info", {})
     cpu = machine.get("cpu", {}).get("brand_raw", "")
     extra = {b.get("extra_info", {}).get("device") for b in data["benchmarks"]} - {None}
-    return (f"{data.get('datetime', '?')}; {machine.get('node', '?')}; {cpu}; "
-            f"python {machine.get('python_version', '?')}; devices {', '.join(sorted(extra)) or '?'}")
+    return (
+        f"{data.get('datetime', '?')}; {machine.get('node', '?')}; {cpu}; "
+        f"python {machine.get('python_version', '?')}; devices {', '.join(sorted(extra)) or '?'}"
+    )
 
 
 def table(data: dict) -> str:
     """Markdown table of one run."""
-    lines = [f"Run: {describe(data)}", "",
-             "| op | shape | dtype | pass | impl | median ms | GB/s | TFLOP/s | x eager | x compile |",
-             "| --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    lines = [
+        f"Run: {describe(data)}",
+        "",
+        "| op | shape | dtype | pass | impl | median ms | GB/s | TFLOP/s | x eager | x compile |",
+        "| --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
     for r in rows(data):
-        lines.append(f"| {r['op']} | {r['shape']} | {r['dtype']} | {r['pass']} | {r['impl']} | {1e3 * r['median_s']:.4g} | "
-                     f"{_num(r['gbps'], '.3g')} | {_num(r['tflops'], '.3g')} | {_num(r['vs_eager'], '.2f')} | "
-                     f"{_num(r['vs_compile'], '.2f')} |")
+        lines.append(
+            f"| {r['op']} | {r['shape']} | {r['dtype']} | {r['pass']} | {r['impl']} | {1e3 * r['median_s']:.4g} | "
+            f"{_num(r['gbps'], '.3g')} | {_num(r['tflops'], '.3g')} | {_num(r['vs_eager'], '.2f')} | "
+            f"{_num(r['vs_compile'], '.2f')} |"
+        )
     return "\n".join(lines) + "\n"
 
 
 def compare(base: dict, new: dict) -> str:
     """Markdown table of ``new`` against ``base``, for benchmarks present in both."""
+
     def index(data):
         return {(*(r[f] for f in KEY_FIELDS), r["impl"], r["name"]): r for r in rows(data)}
 
     a, b = index(base), index(new)
-    lines = [f"Base: {describe(base)}", f"New: {describe(new)}", "",
-             "| op | shape | dtype | pass | impl | base ms | new ms | new / base |",
-             "| --- | --- | --- | --- | --- | ---: | ---: | ---: |"]
+    lines = [
+        f"Base: {describe(base)}",
+        f"New: {describe(new)}",
+        "",
+        "| op | shape | dtype | pass | impl | base ms | new ms | new / base |",
+        "| --- | --- | --- | --- | --- | ---: | ---: | ---: |",
+    ]
     for key in [k for k in b if k in a]:
         old, cur = a[key], b[key]
-        lines.append(f"| {cur['op']} | {cur['shape']} | {cur['dtype']} | {cur['pass']} | {cur['impl']} | "
-                     f"{1e3 * old['median_s']:.4g} | {1e3 * cur['median_s']:.4g} | {cur['median_s'] / old['median_s']:.2f} |")
+        lines.append(
+            f"| {cur['op']} | {cur['shape']} | {cur['dtype']} | {cur['pass']} | {cur['impl']} | "
+            f"{1e3 * old['median_s']:.4g} | {1e3 * cur['median_s']:.4g} | {cur['median_s'] / old['median_s']:.2f} |"
+        )
     only = sorted(set(a) ^ set(b))
     if only:
         lines += ["", "In one run only: " + ", ".join(k[-1] for k in only)]

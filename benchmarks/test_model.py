@@ -42,11 +42,25 @@ def test_model(benchmark, impl, frames):
     if impl == "clip_frames":
         step, flops = (lambda: model.encode_frames(video)), BATCH * video_flops.true
     else:
-        step, flops = (lambda: model.forward_features(model.encode_frames(video), classes)), BATCH * video_flops.true + head.true
+        step, flops = (
+            (lambda: model.forward_features(model.encode_frames(video), classes)),
+            BATCH * video_flops.true + head.true,
+        )
 
     def timed():
         with torch.inference_mode():
             return step()
 
-    run(benchmark, timed, device, impl=impl, op=f"model {MODEL}", shape=f"B{BATCH}-T{frames}-C{CLASSES}",
-        dtype=DTYPE_NAMES[DTYPE], bytes=0, flops=int(flops), videos=BATCH, **{"pass": "fwd"})
+    run(
+        benchmark,
+        timed,
+        device,
+        impl=impl,
+        op=f"model {MODEL}",
+        shape=f"B{BATCH}-T{frames}-C{CLASSES}",
+        dtype=DTYPE_NAMES[DTYPE],
+        bytes=0,
+        flops=int(flops),
+        videos=BATCH,
+        **{"pass": "fwd"},
+    )

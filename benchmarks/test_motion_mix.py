@@ -6,7 +6,18 @@ import torch
 from mpfast.ops import motion_mix, motion_mix_ref
 from mpfast.ops.motion_mix import flops
 
-from ._harness import DTYPE_NAMES, bench_device, call_for, copy_baseline, forward_backward, impls, nbytes, on_gpu, run, skip_unless_runnable
+from ._harness import (
+    DTYPE_NAMES,
+    bench_device,
+    call_for,
+    copy_baseline,
+    forward_backward,
+    impls,
+    nbytes,
+    on_gpu,
+    run,
+    skip_unless_runnable,
+)
 
 # (B, S, T, D): the head's sizes and a large batch of wide features.
 if on_gpu():
@@ -51,8 +62,11 @@ def test_motion_mix(benchmark, impl, shape, dtype, pass_):
     gate = torch.randn(s, d, device=device, dtype=dtype, requires_grad=grad)
     fn = call_for(impl, motion_mix, motion_mix_ref)
     if grad:
-        grads = [torch.randn(b, t, d, device=device, dtype=dtype), torch.randn(b, d, device=device, dtype=dtype),
-                 torch.randn(b, d, device=device, dtype=dtype)]
+        grads = [
+            torch.randn(b, t, d, device=device, dtype=dtype),
+            torch.randn(b, d, device=device, dtype=dtype),
+            torch.randn(b, d, device=device, dtype=dtype),
+        ]
         step = forward_backward(fn, [h, m, gate], (h, m, gate), grads)
     else:
         step = lambda: fn(h, m, gate)  # noqa: E731

@@ -6,7 +6,17 @@ import torch
 from mpfast.ops import prompt_attention, prompt_attention_ref
 from mpfast.ops.prompt_attention import flops
 
-from ._harness import DTYPE_NAMES, bench_device, call_for, forward_backward, impls, nbytes, on_gpu, run, skip_unless_runnable
+from ._harness import (
+    DTYPE_NAMES,
+    bench_device,
+    call_for,
+    forward_backward,
+    impls,
+    nbytes,
+    on_gpu,
+    run,
+    skip_unless_runnable,
+)
 
 # (B, C, L, H, d, shared): shared queries [C,H,d] (text <- video, L = K + T keys) and
 # one query per video over the C classes (video <- text, keys broadcast from [C,H,d]).
@@ -23,8 +33,8 @@ def _cases():
 
 
 def _name(case):
-    b, c, l, h, d, shared = case
-    return f"B{b}-C{c}-L{l}-H{h}-d{d}-{'shared' if shared else 'perbatch'}"
+    b, c, keys, h, d, shared = case
+    return f"B{b}-C{c}-L{keys}-H{h}-d{d}-{'shared' if shared else 'perbatch'}"
 
 
 def _labels(case, dtype, pass_):
@@ -37,11 +47,11 @@ def _labels(case, dtype, pass_):
 def test_prompt_attention(benchmark, impl, case, dtype, pass_):
     device = bench_device()
     skip_unless_runnable(impl, device)
-    b, c, l, h, d, shared = case
+    b, c, keys, h, d, shared = case
     grad = pass_ == "fwd+bwd"
     q = torch.randn(*((c, h, d) if shared else (b, c, h, d)), device=device, dtype=dtype, requires_grad=grad)
-    k = torch.randn(b, l, h, d, device=device, dtype=dtype, requires_grad=grad)
-    v = torch.randn(b, l, h, d, device=device, dtype=dtype, requires_grad=grad)
+    k = torch.randn(b, keys, h, d, device=device, dtype=dtype, requires_grad=grad)
+    v = torch.randn(b, keys, h, d, device=device, dtype=dtype, requires_grad=grad)
     out_shape = (b, c, h, d)
     fn = call_for(impl, prompt_attention, prompt_attention_ref)
     if grad:

@@ -6,7 +6,18 @@ import torch
 from mpfast.ops import default_strides, temporal_diff, temporal_diff_ref
 from mpfast.ops.temporal_diff import flops
 
-from ._harness import DTYPE_NAMES, bench_device, call_for, copy_baseline, forward_backward, impls, nbytes, on_gpu, run, skip_unless_runnable
+from ._harness import (
+    DTYPE_NAMES,
+    bench_device,
+    call_for,
+    copy_baseline,
+    forward_backward,
+    impls,
+    nbytes,
+    on_gpu,
+    run,
+    skip_unless_runnable,
+)
 
 # [B, T, *F]: CLS embeddings (the head), patch tokens, raw pixels.
 if on_gpu():
@@ -34,7 +45,9 @@ def _costs(shape, dtype, strides, backward: bool):
 
 
 @pytest.mark.parametrize("impl", impls())
-@pytest.mark.parametrize("shape,dtype", _cases(), ids=[f"{'x'.join(map(str, s))}-{DTYPE_NAMES[d]}" for s, d in _cases()])
+@pytest.mark.parametrize(
+    "shape,dtype", _cases(), ids=[f"{'x'.join(map(str, s))}-{DTYPE_NAMES[d]}" for s, d in _cases()]
+)
 @pytest.mark.parametrize("pass_", ["fwd", "fwd+bwd"])
 def test_temporal_diff(benchmark, impl, shape, dtype, pass_):
     device = bench_device()
@@ -51,7 +64,9 @@ def test_temporal_diff(benchmark, impl, shape, dtype, pass_):
     run(benchmark, step, device, impl=impl, bytes=total_bytes, flops=total_flops, **_labels(shape, dtype, pass_))
 
 
-@pytest.mark.parametrize("shape,dtype", _cases(), ids=[f"{'x'.join(map(str, s))}-{DTYPE_NAMES[d]}" for s, d in _cases()])
+@pytest.mark.parametrize(
+    "shape,dtype", _cases(), ids=[f"{'x'.join(map(str, s))}-{DTYPE_NAMES[d]}" for s, d in _cases()]
+)
 def test_temporal_diff_copy_baseline(benchmark, shape, dtype):
     strides = default_strides(shape[1])
     total_bytes, _ = _costs(shape, dtype, strides, False)

@@ -30,7 +30,12 @@ def vit_macs_per_frame(vision: dict, embed_dim: int) -> int:
     patches = (size // patch) ** 2
     tokens = patches + 1
     conv = patches * 3 * patch * patch * width
-    per_layer = tokens * width * 3 * width + 2 * tokens * tokens * width + tokens * width * width + 2 * tokens * width * 4 * width
+    per_layer = (
+        tokens * width * 3 * width
+        + 2 * tokens * tokens * width
+        + tokens * width * width
+        + 2 * tokens * width * 4 * width
+    )
     norms = 5 * tokens * width * (2 + 2 * layers)  # ln_pre, two per block, ln_post
     return conv + layers * per_layer + width * embed_dim + norms
 
@@ -44,8 +49,14 @@ def head_macs(dim: int, frames: int, classes: int, config: HeadConfig) -> tuple[
     mix = 2 * streams * frames * dim + frames * dim + streams * frames * dim + 3 * dim
     prompts = dim * p + p * k * dim
     video_norms = 5 * keys * dim + 5 * dim
-    communication = (2 * keys * dim * dim + 2 * classes * keys * dim + classes * dim * dim + dim * dim
-                     + 2 * classes * dim + dim * dim)
+    communication = (
+        2 * keys * dim * dim
+        + 2 * classes * keys * dim
+        + classes * dim * dim
+        + dim * dim
+        + 2 * classes * dim
+        + dim * dim
+    )
     logits = classes * dim
     per_video = motion + mix + prompts + video_norms + communication + logits
     per_call = 5 * classes * dim + 3 * classes * dim * dim + streams * dim  # text norm, projections, tanh(gates)
@@ -87,10 +98,16 @@ def test_mpfast_ops_counted_by_both_counters_with_their_own_formulas():
     x, m, gate = torch.randn(2, 5, 6), torch.randn(2, 3, 5, 6), torch.randn(3, 6)
     q, k = torch.randn(7, 2, 3), torch.randn(2, 4, 2, 3)
     count = count_flops(_Ops(), (x, m, gate, q, k))
-    expected_true = temporal_diff_flops(x.shape, (1, 3)) + motion_mix_flops(x.shape, m.shape) + prompt_attention_flops(q.shape, k.shape)
+    expected_true = (
+        temporal_diff_flops(x.shape, (1, 3))
+        + motion_mix_flops(x.shape, m.shape)
+        + prompt_attention_flops(q.shape, k.shape)
+    )
     assert count.true == expected_true
     assert count.fvcore == expected_true - prompt_attention_flops(q.shape, k.shape) // 2
-    assert count.fvcore_by_op["prompt_attention"] == 2 * (2 * 2 * 7 * 4 * 3)  # q k^T and p v: 2 x B H C L d multiply-adds
+    assert count.fvcore_by_op["prompt_attention"] == 2 * (
+        2 * 2 * 7 * 4 * 3
+    )  # q k^T and p v: 2 x B H C L d multiply-adds
     assert count.disagreement == 0
     for skipped in count.skipped.values():
         assert not {"temporal_diff", "motion_mix", "prompt_attention"} & set(skipped)
@@ -173,4 +190,5 @@ def test_backbone_matches_published_figures_and_the_budgets_file(model_name, pub
     for frames in (8, 16):
         stored = recorded[f"T{frames}"]["gflops_fvcore_style"]
         assert math.isclose(frames * one_frame.fvcore / 1e9, stored, rel_tol=1e-3), (
-            f"{model_name} T={frames}: counted {frames * one_frame.fvcore / 1e9:.3f}, budgets.json says {stored}")
+            f"{model_name} T={frames}: counted {frames * one_frame.fvcore / 1e9:.3f}, budgets.json says {stored}"
+        )

@@ -42,7 +42,9 @@ def load(path: str | Path = BUDGETS_PATH) -> dict:
         return json.load(f)
 
 
-def measure_model(model_name: str, frames: tuple[int, ...] = FRAMES, classes: tuple[int, ...] = CLASSES) -> dict[str, dict]:
+def measure_model(
+    model_name: str, frames: tuple[int, ...] = FRAMES, classes: tuple[int, ...] = CLASSES
+) -> dict[str, dict]:
     """Measures every budgeted quantity of ``model_name`` (random weights) for each T and C.
 
     Returns:
@@ -54,8 +56,11 @@ def measure_model(model_name: str, frames: tuple[int, ...] = FRAMES, classes: tu
     base, _, _, tokenizer = create_model_and_transforms(model_name, None, frames[0])
     results = {}
     for num_frames in frames:
-        model = base if num_frames == frames[0] else MotionCLIP(
-            base.clip, dataclasses.replace(base.config, num_frames=num_frames), tokenizer)
+        model = (
+            base
+            if num_frames == frames[0]
+            else MotionCLIP(base.clip, dataclasses.replace(base.config, num_frames=num_frames), tokenizer)
+        )
         trainable = counting.count_parameters(model, depth=1).trainable
         for num_classes in classes:
             cost = counting.head_cost(model, num_frames, num_classes)
@@ -82,8 +87,10 @@ def violations(budgets: dict, measured: dict[str, dict]) -> list[str]:
             value = values[metric]
             if value > ceiling:
                 recorded = entry.get("measured", {}).get(metric)
-                problems.append(f"{key}: {metric} = {value:.6g} exceeds the ceiling {ceiling:.6g} "
-                                f"(recorded when the ceilings were set: {recorded:.6g})")
+                problems.append(
+                    f"{key}: {metric} = {value:.6g} exceeds the ceiling {ceiling:.6g} "
+                    f"(recorded when the ceilings were set: {recorded:.6g})"
+                )
     return problems
 
 
@@ -107,7 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.write:
         for key, values in measured.items():
             budgets["configs"].setdefault(key, {"ceilings": {}})["measured"] = {
-                **budgets["configs"].get(key, {}).get("measured", {}), **values}
+                **budgets["configs"].get(key, {}).get("measured", {}),
+                **values,
+            }
         BUDGETS_PATH.write_text(json.dumps(budgets, indent=2) + "\n", encoding="utf-8")
         print(f"wrote {BUDGETS_PATH}")
     return 1 if problems else 0

@@ -21,20 +21,25 @@ def _summary(report: dict) -> str:
     for frames, encoder in report["flops"]["frame_encoder"].items():
         head = report["flops"]["head"][frames]
         share = report["head_share_of_frame_encoder"][frames]
-        lines.append(f"  T={frames:>3}  frozen CLIP frame encoder  {encoder['gflops_fvcore_style']:9.3f} | {encoder['gflops_true']:9.3f}")
-        lines.append(f"         head per video (C={report['classes']})   {head['per_video']['gflops_fvcore_style']:9.4f} | "
-                     f"{head['per_video']['gflops_true']:9.4f}  ({100 * share['per_video']:.3f} % of the encoder)")
-        lines.append(f"         head at batch 1            {head['batch_1']['gflops_fvcore_style']:9.4f} | "
-                     f"{head['batch_1']['gflops_true']:9.4f}  ({100 * share['batch_1']:.3f} %)")
+        rows = [
+            (f"T={frames}: frozen CLIP frame encoder", encoder, ""),
+            (f"  head per video (C={report['classes']})", head["per_video"], f"{100 * share['per_video']:.3f} %"),
+            ("  head at batch 1", head["batch_1"], f"{100 * share['batch_1']:.3f} %"),
+        ]
+        for label, entry, ratio in rows:
+            fvcore, true = entry["gflops_fvcore_style"], entry["gflops_true"]
+            lines.append(f"  {label:<34} {fvcore:10.4f} | {true:10.4f}  {ratio + ' of the encoder' if ratio else ''}")
     lists = report["flops"]["text_encoder"]["per_class_list"]
-    lines.append(f"  per class list: text encoder x {lists['classes']} classes x {lists['templates']} template(s) "
-                 f"{lists['gflops_fvcore_style']:.1f} | {lists['gflops_true']:.1f}")
+    label = f"per class list ({lists['classes']} classes x {lists['templates']} template(s), text encoder)"
+    lines.append(f"  {label}: {lists['gflops_fvcore_style']:.1f} | {lists['gflops_true']:.1f}")
     lines.append("throughput (videos/s; latency p50/p90 ms per batch; head overhead vs bare CLIP frame encoder):")
     for r in report["timing"]:
         b, m = r["clip_frame_encoder"], r["motionclip"]
-        lines.append(f"  T={r['frames']:>3} B={r['batch']:>3}  CLIP {b['videos_per_s']:8.3f}  MotionCLIP {m['videos_per_s']:8.3f}  "
-                     f"p50 {m['latency_ms_p50']:9.1f}  p90 {m['latency_ms_p90']:9.1f}  overhead {100 * r['head_overhead']:+6.1f} %  "
-                     f"peak {m['peak_memory_bytes'] / 2**20:,.0f} MiB")
+        lines.append(
+            f"  T={r['frames']:>3} B={r['batch']:>3}  CLIP {b['videos_per_s']:8.3f}  "
+            f"MotionCLIP {m['videos_per_s']:8.3f}  p50 {m['latency_ms_p50']:9.1f}  p90 {m['latency_ms_p90']:9.1f}  "
+            f"overhead {100 * r['head_overhead']:+6.1f} %  peak {m['peak_memory_bytes'] / 2**20:,.0f} MiB"
+        )
     lines.append(f"wall time {report['wall_time_s']:.0f} s")
     return "\n".join(lines)
 
@@ -42,9 +47,18 @@ def _summary(report: dict) -> str:
 def run_report(args: argparse.Namespace) -> int:
     from .report import ReportOptions, build_report, write_report
 
-    options = ReportOptions(model=args.model, frames=args.frames, batches=args.batch, classes=args.classes,
-                            device=args.device, dtype=args.dtype, compile=args.compile, warmup=args.warmup,
-                            iterations=args.iterations, sweep=not args.no_sweep)
+    options = ReportOptions(
+        model=args.model,
+        frames=args.frames,
+        batches=args.batch,
+        classes=args.classes,
+        device=args.device,
+        dtype=args.dtype,
+        compile=args.compile,
+        warmup=args.warmup,
+        iterations=args.iterations,
+        sweep=not args.no_sweep,
+    )
     report = build_report(options, progress=not args.no_progress)
     print(_summary(report))
     if args.json is not None:
@@ -60,24 +74,37 @@ def run_report(args: argparse.Namespace) -> int:
 def add_commands(subparsers) -> None:
     """Adds ``mpfast report``."""
     parser = subparsers.add_parser(
-        "report", help="parameters, FLOPs, throughput and memory of a MotionCLIP (random weights)",
+        "report",
+        help="parameters, FLOPs, throughput and memory of a MotionCLIP (random weights)",
         description="Measures a MotionCLIP with random weights (FLOPs and speed do not depend on weight values): "
-                    "parameters, FLOPs per video from two counters (fvcore and torch FlopCounterMode, both conventions), "
-                    "what the head adds per video and per class list, and throughput/latency/peak memory against the "
-                    "bare CLIP frame encoder on this device.")
+        "parameters, FLOPs per video from two counters (fvcore and torch FlopCounterMode, both conventions), "
+        "what the head adds per video and per class list, and throughput/latency/peak memory against the "
+        "bare CLIP frame encoder on this device.",
+    )
     parser.add_argument("--model", default="ViT-B-16", help="open_clip model name (default ViT-B-16)")
     parser.add_argument("--frames", type=int, nargs="+", default=[8], help="frame counts T (default 8)")
-    parser.add_argument("--batch", type=int, nargs="+", default=None,
-                        help="batch sizes to time (default 1 2 on CPU, 1 8 32 on CUDA)")
-    parser.add_argument("--classes", type=int, default=400, help="number of classes C (random class features; default 400)")
+    parser.add_argument(
+        "--batch", type=int, nargs="+", default=None, help="batch sizes to time (default 1 2 on CPU, 1 8 32 on CUDA)"
+    )
+    parser.add_argument(
+        "--classes", type=int, default=400, help="number of classes C (random class features; default 400)"
+    )
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1... (default: cuda if available)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--compile", action="store_true", help="time torch.compile-d callables")
-    parser.add_argument("--warmup", type=int, default=None, help="untimed calls per measurement (default 1 CPU, 5 CUDA)")
-    parser.add_argument("--iterations", type=int, default=None, help="timed calls per measurement (default 3 CPU, 20 CUDA)")
+    parser.add_argument(
+        "--warmup", type=int, default=None, help="untimed calls per measurement (default 1 CPU, 5 CUDA)"
+    )
+    parser.add_argument(
+        "--iterations", type=int, default=None, help="timed calls per measurement (default 3 CPU, 20 CUDA)"
+    )
     parser.add_argument("--no-sweep", action="store_true", help="skip counting the head over C, T and K")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--json", default=None, metavar="PATH", help="write the report as JSON here")
-    parser.add_argument("--out", default=None, metavar="DIR",
-                        help="write report.json, report.md, throughput.png and flops_by_module.png here")
+    parser.add_argument(
+        "--out",
+        default=None,
+        metavar="DIR",
+        help="write report.json, report.md, throughput.png and flops_by_module.png here",
+    )
     parser.set_defaults(func=run_report)

@@ -55,20 +55,97 @@ AGREEMENT_TOLERANCE = 0.01  # the two counters must agree within 1 %
 # pairs to halve). Names as each counter reports them; everything else counts
 # multiply-adds and converts by a factor 2.
 _ELEMENTWISE_FVCORE = {
-    "layer_norm", "group_norm", "batch_norm", "instance_norm", "upsample_nearest2d",
-    "upsample_bilinear2d", "adaptive_avg_pool2d", "grid_sampler", "temporal_diff", "motion_mix",
+    "layer_norm",
+    "group_norm",
+    "batch_norm",
+    "instance_norm",
+    "upsample_nearest2d",
+    "upsample_bilinear2d",
+    "adaptive_avg_pool2d",
+    "grid_sampler",
+    "temporal_diff",
+    "motion_mix",
 }
-_ELEMENTWISE_TORCH = {"native_layer_norm", "temporal_diff", "motion_mix", "temporal_diff_backward", "motion_mix_backward"}
+_ELEMENTWISE_TORCH = {
+    "native_layer_norm",
+    "temporal_diff",
+    "motion_mix",
+    "temporal_diff_backward",
+    "motion_mix_backward",
+}
 
 # Ops that move or view data and do no arithmetic: not reported as skipped.
 _NO_ARITHMETIC = {
-    "view", "_unsafe_view", "reshape", "t", "transpose", "permute", "expand", "expand_as", "unsqueeze", "squeeze",
-    "select", "slice", "cat", "stack", "unbind", "split", "split_with_sizes", "chunk", "clone", "copy_", "detach",
-    "alias", "empty", "empty_like", "zeros", "zeros_like", "ones", "ones_like", "new_empty", "new_zeros", "new_ones",
-    "full", "full_like", "fill_", "zero_", "_to_copy", "to", "contiguous", "as_strided", "unflatten", "flatten",
-    "lift_fresh", "index", "index_select", "gather", "masked_fill", "masked_fill_", "eq", "ne", "gt", "ge", "lt", "le",
-    "logical_not", "bitwise_not", "all", "any", "arange", "_local_scalar_dense", "item", "size", "Int",
-    "ScalarImplicit", "constant_pad_nd", "narrow", "repeat", "tile", "flip", "roll", "where",
+    "view",
+    "_unsafe_view",
+    "reshape",
+    "t",
+    "transpose",
+    "permute",
+    "expand",
+    "expand_as",
+    "unsqueeze",
+    "squeeze",
+    "select",
+    "slice",
+    "cat",
+    "stack",
+    "unbind",
+    "split",
+    "split_with_sizes",
+    "chunk",
+    "clone",
+    "copy_",
+    "detach",
+    "alias",
+    "empty",
+    "empty_like",
+    "zeros",
+    "zeros_like",
+    "ones",
+    "ones_like",
+    "new_empty",
+    "new_zeros",
+    "new_ones",
+    "full",
+    "full_like",
+    "fill_",
+    "zero_",
+    "_to_copy",
+    "to",
+    "contiguous",
+    "as_strided",
+    "unflatten",
+    "flatten",
+    "lift_fresh",
+    "index",
+    "index_select",
+    "gather",
+    "masked_fill",
+    "masked_fill_",
+    "eq",
+    "ne",
+    "gt",
+    "ge",
+    "lt",
+    "le",
+    "logical_not",
+    "bitwise_not",
+    "all",
+    "any",
+    "arange",
+    "_local_scalar_dense",
+    "item",
+    "size",
+    "Int",
+    "ScalarImplicit",
+    "constant_pad_nd",
+    "narrow",
+    "repeat",
+    "tile",
+    "flip",
+    "roll",
+    "where",
 }
 
 
@@ -125,16 +202,22 @@ class FlopCount:
         a, b = self.fvcore, self.true_as_fvcore
         return abs(a - b) / max(abs(a), abs(b)) if max(abs(a), abs(b)) > 0 else 0.0
 
-
     def scaled(self, factor: float) -> "FlopCount":
         """Every count multiplied by ``factor`` (for costs exactly linear in a size)."""
 
         def scale(d):
             return {k: v * factor for k, v in d.items()}
 
-        return FlopCount(self.fvcore * factor, self.true * factor, scale(self.fvcore_by_op), scale(self.true_by_op),
-                         scale(self.fvcore_by_module), scale(self.true_by_module), self.skipped,
-                         scale(self.true_module_fvcore))
+        return FlopCount(
+            self.fvcore * factor,
+            self.true * factor,
+            scale(self.fvcore_by_op),
+            scale(self.true_by_op),
+            scale(self.fvcore_by_module),
+            scale(self.true_by_module),
+            self.skipped,
+            scale(self.true_module_fvcore),
+        )
 
     def minus(self, other: "FlopCount") -> "FlopCount":
         """Difference of two counts of the same call at different sizes."""
@@ -142,10 +225,16 @@ class FlopCount:
         def sub(a, b):
             return {k: a.get(k, 0.0) - b.get(k, 0.0) for k in set(a) | set(b)}
 
-        return FlopCount(self.fvcore - other.fvcore, self.true - other.true, sub(self.fvcore_by_op, other.fvcore_by_op),
-                         sub(self.true_by_op, other.true_by_op), sub(self.fvcore_by_module, other.fvcore_by_module),
-                         sub(self.true_by_module, other.true_by_module), self.skipped,
-                         sub(self.true_module_fvcore, other.true_module_fvcore))
+        return FlopCount(
+            self.fvcore - other.fvcore,
+            self.true - other.true,
+            sub(self.fvcore_by_op, other.fvcore_by_op),
+            sub(self.true_by_op, other.true_by_op),
+            sub(self.fvcore_by_module, other.fvcore_by_module),
+            sub(self.true_by_module, other.true_by_module),
+            self.skipped,
+            sub(self.true_module_fvcore, other.true_module_fvcore),
+        )
 
     def check_agreement(self, tolerance: float = AGREEMENT_TOLERANCE) -> None:
         """Raises ``RuntimeError`` with both numbers when the counters differ by more than ``tolerance``."""
@@ -239,7 +328,9 @@ def _torch_sdpa_cpu(query_shape, key_shape, value_shape, *args, out_shape=None, 
     return sdpa_flop_count(query_shape, key_shape, value_shape)
 
 
-def _torch_sdpa_cpu_backward(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+def _torch_sdpa_cpu_backward(
+    grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs
+) -> int:
     return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
 
 
@@ -280,7 +371,7 @@ class _OpRecorder(TorchDispatchMode):
 def _strip_root(name: str, root: str) -> str:
     if name == root:
         return ""
-    return name[len(root) + 1:] if name.startswith(root + ".") else name
+    return name[len(root) + 1 :] if name.startswith(root + ".") else name
 
 
 @contextlib.contextmanager
@@ -366,8 +457,16 @@ def count_flops(module: nn.Module, inputs: tuple, num_frames: int | None = None)
             continue
         torch_skipped[_short(name)] = calls
     fvcore_skipped = {k: v for k, v in sorted(fvcore_skipped.items()) if k not in _NO_ARITHMETIC}
-    result = FlopCount(fvcore_total, float(counter.get_total_flops()), fvcore_by_op, true_by_op, fvcore_by_module,
-                       true_by_module, {"fvcore": fvcore_skipped, "torch": torch_skipped}, module_fvcore)
+    result = FlopCount(
+        fvcore_total,
+        float(counter.get_total_flops()),
+        fvcore_by_op,
+        true_by_op,
+        fvcore_by_module,
+        true_by_module,
+        {"fvcore": fvcore_skipped, "torch": torch_skipped},
+        module_fvcore,
+    )
     logger.info("counted %s: fvcore %.4g, FlopCounterMode %.4g true FLOPs", root, result.fvcore, result.true)
     return result
 
@@ -390,8 +489,11 @@ class ParameterCount:
     by_module: dict[str, tuple[int, int]]
 
     def to_dict(self) -> dict:
-        return {"total": self.total, "trainable": self.trainable,
-                "by_module": {k: {"total": t, "trainable": tr} for k, (t, tr) in self.by_module.items()}}
+        return {
+            "total": self.total,
+            "trainable": self.trainable,
+            "by_module": {k: {"total": t, "trainable": tr} for k, (t, tr) in self.by_module.items()},
+        }
 
 
 def count_parameters(model: nn.Module, depth: int = 2) -> ParameterCount:
@@ -457,11 +559,14 @@ def _strip_model_prefix(count: FlopCount) -> FlopCount:
     # The wrapper calls a method of ``model`` (not its forward), so the root ("") holds
     # everything and "model" may miss what runs in that method itself: drop "model".
     def strip(d):
-        return {(k[len("model."):] if k.startswith("model.") else k): v for k, v in d.items() if k != "model"}
+        return {(k[len("model.") :] if k.startswith("model.") else k): v for k, v in d.items() if k != "model"}
 
-    return dataclasses.replace(count, fvcore_by_module=strip(count.fvcore_by_module),
-                               true_by_module=strip(count.true_by_module),
-                               true_module_fvcore=strip(count.true_module_fvcore))
+    return dataclasses.replace(
+        count,
+        fvcore_by_module=strip(count.fvcore_by_module),
+        true_by_module=strip(count.true_by_module),
+        true_module_fvcore=strip(count.true_module_fvcore),
+    )
 
 
 def _param(model: nn.Module) -> Tensor:

@@ -75,7 +75,9 @@ class ReportOptions:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         for name in ("warmup", "iterations"):
             value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "warmup" else 1)):
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "warmup" else 1)
+            ):
                 raise ValueError(f"{name} must be an int >= {0 if name == 'warmup' else 1}, got {value!r}")
 
 
@@ -113,8 +115,12 @@ def _quantile(values: Sequence[float], q: float) -> float:
 
 def _summary(times: Sequence[float], batch: int) -> dict:
     median = statistics.median(times)
-    return {"latency_ms_p50": 1e3 * median, "latency_ms_p90": 1e3 * _quantile(times, 0.9),
-            "videos_per_s": batch / median, "samples": len(times)}
+    return {
+        "latency_ms_p50": 1e3 * median,
+        "latency_ms_p90": 1e3 * _quantile(times, 0.9),
+        "videos_per_s": batch / median,
+        "samples": len(times),
+    }
 
 
 def _peak_memory_bytes(device: torch.device) -> int:
@@ -160,12 +166,22 @@ def _flops_entry(count: counting.FlopCount, depth: int | None = 2) -> dict:
     return entry
 
 
+def _with_head(model, tokenizer, **changes):
+    """``model`` itself, or a MotionCLIP on the same frozen CLIP whose head config differs by ``changes``."""
+    from mpfast.model import MotionCLIP
+
+    if all(getattr(model.config, k) == v for k, v in changes.items()):
+        return model
+    p = model.motion.gate
+    return MotionCLIP(model.clip, dataclasses.replace(model.config, **changes), tokenizer).to(p.device, p.dtype)
+
+
 def build_report(options: ReportOptions, progress: bool = True) -> dict:
     """Measures a MotionCLIP as ``options`` say; returns the report as a JSON-able dict."""
     from tqdm.auto import tqdm
 
     import mpfast
-    from mpfast.model import HeadConfig, MotionCLIP, create_model_and_transforms
+    from mpfast.model import create_model_and_transforms
 
     device = _default_device(options.device)
     on_cuda = device.type == "cuda"
@@ -175,7 +191,11 @@ def build_report(options: ReportOptions, progress: bool = True) -> dict:
     dtype = DTYPES[options.dtype]
     started = time.perf_counter()
 
-    count_steps = 2 * len(options.frames) + 1 + (len(SWEEP_CLASSES) * len(options.frames) * len(SWEEP_PROMPTS) if options.sweep else 0)
+    count_steps = (
+        2 * len(options.frames)
+        + 1
+        + (len(SWEEP_CLASSES) * len(options.frames) * len(SWEEP_PROMPTS) if options.sweep else 0)
+    )
     time_steps = len(options.frames) * len(batches) * (warmup + iterations)
     bar = tqdm(total=count_steps + time_steps, desc="mpfast report", disable=not progress, unit="step", leave=False)
 
@@ -187,13 +207,16 @@ def build_report(options: ReportOptions, progress: bool = True) -> dict:
     # FLOPs: per video (frame encoder and head), per class list (text encoder).
     flops: dict = {"frame_encoder": {}, "head": {}, "text_encoder": {}}
     head_share: dict = {}
+    one_frame = None
     for frames in options.frames:
         bar.set_postfix_str(f"counting frame encoder, T={frames}")
-        encoder = counting.frame_encoder_flops(model, frames)
+        if one_frame is None:
+            one_frame = counting.frame_encoder_flops(model, 1)
+        encoder = one_frame.scaled(frames)  # every frame is encoded on its own: exactly T x one frame
         bar.update()
         flops["frame_encoder"][str(frames)] = _flops_entry(encoder, depth=3)
         bar.set_postfix_str(f"counting head, T={frames}, C={options.classes}")
-        head_model = model if frames == options.frames[0] else MotionCLIP(model.clip, dataclasses.replace(model.config, num_frames=frames), tokenizer).to(device, dtype)
+        head_model = _with_head(model, tokenizer, num_frames=frames)
         cost = counting.head_cost(head_model, frames, options.classes)
         bar.update()
         flops["head"][str(frames)] = {
@@ -211,32 +234,43 @@ def build_report(options: ReportOptions, progress: bool = True) -> dict:
     prompts_per_list = options.classes * len(model.config.templates)
     flops["text_encoder"] = {
         "per_prompt": _flops_entry(per_class),
-        "per_class_list": {"classes": options.classes, "templates": len(model.config.templates),
-                           "gflops_fvcore_style": _g(per_class.fvcore * prompts_per_list),
-                           "gflops_true": _g(per_class.true * prompts_per_list)},
+        "per_class_list": {
+            "classes": options.classes,
+            "templates": len(model.config.templates),
+            "gflops_fvcore_style": _g(per_class.fvcore * prompts_per_list),
+            "gflops_true": _g(per_class.true * prompts_per_list),
+        },
     }
 
     sweep = []
     if options.sweep:
         for frames in options.frames:
             for prompts in SWEEP_PROMPTS:
-                config = dataclasses.replace(model.config, num_frames=frames, num_prompts=prompts)
-                head_model = MotionCLIP(model.clip, config, tokenizer).to(device, dtype)
+                head_model = _with_head(model, tokenizer, num_frames=frames, num_prompts=prompts)
                 for classes in SWEEP_CLASSES:
                     bar.set_postfix_str(f"head sweep T={frames} K={prompts} C={classes}")
                     cost = counting.head_cost(head_model, frames, classes)
                     bar.update()
-                    sweep.append({"frames": frames, "prompts": prompts, "keys": frames + prompts, "classes": classes,
-                                  "per_video_gflops_fvcore_style": _g(cost.per_video.fvcore),
-                                  "per_call_gflops_fvcore_style": _g(cost.per_call.fvcore),
-                                  "per_video_gflops_true": _g(cost.per_video.true)})
+                    sweep.append(
+                        {
+                            "frames": frames,
+                            "prompts": prompts,
+                            "keys": frames + prompts,
+                            "classes": classes,
+                            "per_video_gflops_fvcore_style": _g(cost.per_video.fvcore),
+                            "per_call_gflops_fvcore_style": _g(cost.per_call.fvcore),
+                            "per_video_gflops_true": _g(cost.per_video.true),
+                        }
+                    )
 
     # Speed: bare CLIP frame encoder vs the whole MotionCLIP, interleaved.
     size = counting.image_size(model)
-    class_features = torch.nn.functional.normalize(torch.randn(options.classes, model.dim, device=device), dim=-1).to(dtype)
+    class_features = torch.nn.functional.normalize(torch.randn(options.classes, model.dim, device=device), dim=-1).to(
+        dtype
+    )
     timing = []
     for frames in options.frames:
-        head_model = model if frames == options.frames[0] else MotionCLIP(model.clip, dataclasses.replace(model.config, num_frames=frames), tokenizer).to(device, dtype).eval()
+        head_model = _with_head(model, tokenizer, num_frames=frames).eval()
 
         def bare(video: Tensor) -> Tensor:
             return model.encode_frames(video)
@@ -284,8 +318,11 @@ def build_report(options: ReportOptions, progress: bool = True) -> dict:
         "batches": list(batches),
         "warmup": warmup,
         "iterations": iterations,
-        "peak_memory_note": ("torch.cuda.max_memory_allocated per measurement" if on_cuda else
-                             "process peak resident memory (ru_maxrss), cumulative over the run"),
+        "peak_memory_note": (
+            "torch.cuda.max_memory_allocated per measurement"
+            if on_cuda
+            else "process peak resident memory (ru_maxrss), cumulative over the run"
+        ),
         "parameters": params.to_dict(),
         "flops": flops,
         "head_share_of_frame_encoder": head_share,
@@ -326,19 +363,23 @@ def render_markdown(report: dict) -> str:
         "",
         "## FLOPs per video",
         "",
-        "Two counters: fvcore (FlopCountAnalysis) and PyTorch's FlopCounterMode. *fvcore-style*: one multiply-add "
-        "= one FLOP (what papers print). *true*: a multiply-add = two FLOPs. Each counter's own convention is "
-        "exact; the other column is converted. Head *per video* = what each extra video of a batch adds; "
+        "Two counters: fvcore (FlopCountAnalysis) and PyTorch's FlopCounterMode. The frame encoder is counted "
+        "on one frame and multiplied by T (frames are encoded independently, so this is exact). *fvcore-style*: "
+        "one multiply-add = one FLOP (what papers print). *true*: a multiply-add = two FLOPs. Each counter's "
+        "own convention is exact; the other column is converted. Head *per video* = what each extra video adds; "
         "*per call* = class-side work paid once per forward whatever the batch size; *batch 1* = both.",
         "",
-        "| part | T | GFLOPs fvcore-style (fvcore / FlopCounterMode) | true GFLOPs (fvcore / FlopCounterMode) | counters differ |",
+        "| part | T | GFLOPs fvcore-style (fvcore / FlopCounterMode) | true GFLOPs (fvcore / FlopCounterMode) "
+        "| counters differ |",
         "| --- | ---: | ---: | ---: | ---: |",
     ]
 
     def row(label: str, frames, entry: dict) -> str:
         fs, tr = entry["fvcore_style"], entry["true_flops"]
-        return (f"| {label} | {frames} | {_g(fs['fvcore']):.4f} / {_g(fs['flop_counter_mode']):.4f} | "
-                f"{_g(tr['fvcore']):.4f} / {_g(tr['flop_counter_mode']):.4f} | {100 * entry['disagreement']:.3f} % |")
+        return (
+            f"| {label} | {frames} | {_g(fs['fvcore']):.4f} / {_g(fs['flop_counter_mode']):.4f} | "
+            f"{_g(tr['fvcore']):.4f} / {_g(tr['flop_counter_mode']):.4f} | {100 * entry['disagreement']:.3f} % |"
+        )
 
     for frames, entry in report["flops"]["frame_encoder"].items():
         lines.append(row("frozen CLIP frame encoder", frames, entry))
@@ -356,53 +397,88 @@ def render_markdown(report: dict) -> str:
         f"({lists['gflops_true']:.1f} true).",
         "",
         "Head cost relative to the frame encoder (fvcore-style): "
-        + "; ".join(f"T={t}: {100 * s['per_video']:.3f} % per video, {100 * s['batch_1']:.3f} % at batch 1"
-                    for t, s in report["head_share_of_frame_encoder"].items()),
+        + "; ".join(
+            f"T={t}: {100 * s['per_video']:.3f} % per video, {100 * s['batch_1']:.3f} % at batch 1"
+            for t, s in report["head_share_of_frame_encoder"].items()
+        ),
         "",
     ]
     first = next(iter(report["flops"]["frame_encoder"]))
-    for label, entry in (("frame encoder", report["flops"]["frame_encoder"][first]),
-                         ("head per video", report["flops"]["head"][first]["per_video"])):
-        lines += [f"### By op: {label}, T={first}", "", "| counter | op | GFLOPs (counter's convention) |",
-                  "| --- | --- | ---: |"]
+    for label, entry in (
+        ("frame encoder", report["flops"]["frame_encoder"][first]),
+        ("head per video", report["flops"]["head"][first]["per_video"]),
+    ):
+        lines += [
+            f"### By op: {label}, T={first}",
+            "",
+            "| counter | op | GFLOPs (counter's convention) |",
+            "| --- | --- | ---: |",
+        ]
         for counter, key in (("fvcore", "fvcore_by_op"), ("FlopCounterMode", "flop_counter_mode_by_op")):
             for op, v in entry[key].items():
                 if v:
                     lines.append(f"| {counter} | {op} | {_g(v):.4f} |")
-        lines += ["", f"### By module: {label}, T={first}", "",
-                  "A module entered through a method other than its forward has no FlopCounterMode row (-).", "",
-                  "| module | fvcore-style (fvcore) | true (FlopCounterMode) |",
-                  "| --- | ---: | ---: |"]
+        lines += [
+            "",
+            f"### By module: {label}, T={first}",
+            "",
+            "A module entered through a method other than its forward has no FlopCounterMode row (-).",
+            "",
+            "| module | fvcore-style (fvcore) | true (FlopCounterMode) |",
+            "| --- | ---: | ---: |",
+        ]
         names = sorted(set(entry["fvcore_by_module"]) | set(entry["flop_counter_mode_by_module"]))
         for name in names:
-            cells = [f"{_g(d[name]):.4f}" if name in d else "-"
-                     for d in (entry["fvcore_by_module"], entry["flop_counter_mode_by_module"])]
+            cells = [
+                f"{_g(d[name]):.4f}" if name in d else "-"
+                for d in (entry["fvcore_by_module"], entry["flop_counter_mode_by_module"])
+            ]
             lines.append(f"| {name or '(all)'} | {cells[0]} | {cells[1]} |")
         skipped = entry["skipped_ops"]
-        lines += ["", "Ops not counted (element-wise, by convention): "
-                  + "; ".join(f"{c}: " + (", ".join(f"{op} x{n}" for op, n in ops.items()) or "none")
-                              for c, ops in skipped.items()), ""]
+        lines += [
+            "",
+            "Ops not counted (element-wise, by convention): "
+            + "; ".join(
+                f"{c}: " + (", ".join(f"{op} x{n}" for op, n in ops.items()) or "none") for c, ops in skipped.items()
+            ),
+            "",
+        ]
     if report["head_sweep"]:
-        lines += ["## How the head grows with classes C, frames T and keys L = K + T", "",
-                  "| T | K | L | C | per video GFLOPs (fvcore-style) | per call GFLOPs (fvcore-style) |",
-                  "| ---: | ---: | ---: | ---: | ---: | ---: |"]
+        lines += [
+            "## How the head grows with classes C, frames T and keys L = K + T",
+            "",
+            "| T | K | L | C | per video GFLOPs (fvcore-style) | per call GFLOPs (fvcore-style) |",
+            "| ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
         for s in report["head_sweep"]:
-            lines.append(f"| {s['frames']} | {s['prompts']} | {s['keys']} | {s['classes']} | "
-                         f"{s['per_video_gflops_fvcore_style']:.4f} | {s['per_call_gflops_fvcore_style']:.4f} |")
-        lines += ["", "Per video, in multiply-adds: C·D² (text_out) + 2·C·L·D (text ← video attention) + 2·L·D² "
-                  "(video keys/values) + 3·C·D (video ← text attention, logits) + O(T·D²/2) (motion block); per call: "
-                  "3·C·D² (class-side query, key and value projections).", ""]
-    lines += ["## Speed", "",
-              f"{report['warmup']} warm-up and {report['iterations']} timed calls per row, bare encoder and MotionCLIP "
-              f"alternating; latency per batch; peak memory: {report['peak_memory_note']}.", "",
-              "| T | batch | CLIP frame encoder videos/s | MotionCLIP videos/s | MotionCLIP p50 ms | p90 ms | "
-              "head overhead | peak memory MiB |",
-              "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+            lines.append(
+                f"| {s['frames']} | {s['prompts']} | {s['keys']} | {s['classes']} | "
+                f"{s['per_video_gflops_fvcore_style']:.4f} | {s['per_call_gflops_fvcore_style']:.4f} |"
+            )
+        lines += [
+            "",
+            "Per video, in multiply-adds: C·D² (text_out) + 2·C·L·D (text ← video attention) + 2·L·D² "
+            "(video keys/values) + 3·C·D (video ← text attention, logits) + O(T·D²/2) (motion block); per call: "
+            "3·C·D² (class-side query, key and value projections).",
+            "",
+        ]
+    lines += [
+        "## Speed",
+        "",
+        f"{report['warmup']} warm-up and {report['iterations']} timed calls per row, bare encoder and MotionCLIP "
+        f"alternating; latency per batch; peak memory: {report['peak_memory_note']}.",
+        "",
+        "| T | batch | CLIP frame encoder videos/s | MotionCLIP videos/s | MotionCLIP p50 ms | p90 ms | "
+        "head overhead | peak memory MiB |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
     for r in report["timing"]:
         b, m = r["clip_frame_encoder"], r["motionclip"]
-        lines.append(f"| {r['frames']} | {r['batch']} | {b['videos_per_s']:.3f} | {m['videos_per_s']:.3f} | "
-                     f"{m['latency_ms_p50']:.1f} | {m['latency_ms_p90']:.1f} | {100 * r['head_overhead']:+.1f} % | "
-                     f"{m['peak_memory_bytes'] / 2**20:.0f} |")
+        lines.append(
+            f"| {r['frames']} | {r['batch']} | {b['videos_per_s']:.3f} | {m['videos_per_s']:.3f} | "
+            f"{m['latency_ms_p50']:.1f} | {m['latency_ms_p90']:.1f} | {100 * r['head_overhead']:+.1f} % | "
+            f"{m['peak_memory_bytes'] / 2**20:.0f} |"
+        )
     lines += ["", f"Report wall time: {report['wall_time_s']:.0f} s.", ""]
     return "\n".join(lines)
 
@@ -417,7 +493,12 @@ def _plot_throughput(report: dict, path: Path) -> None:
     for frames in report["frames"]:
         rows = [r for r in report["timing"] if r["frames"] == frames]
         batches = [r["batch"] for r in rows]
-        ax.plot(batches, [r["clip_frame_encoder"]["videos_per_s"] for r in rows], "o--", label=f"CLIP frame encoder, T={frames}")
+        ax.plot(
+            batches,
+            [r["clip_frame_encoder"]["videos_per_s"] for r in rows],
+            "o--",
+            label=f"CLIP frame encoder, T={frames}",
+        )
         ax.plot(batches, [r["motionclip"]["videos_per_s"] for r in rows], "o-", label=f"MotionCLIP, T={frames}")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("batch size (videos)")
