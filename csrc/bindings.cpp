@@ -88,7 +88,7 @@ void check_strides(const char* op, c10::IntArrayRef strides) {
 
 // The CUDA kernels index at most kMaxCudaFeatureDims merged feature dimensions; a rarer
 // layout is copied to a contiguous one first. The CPU kernels take any layout.
-Tensor feature_layout(const Tensor& t, int64_t first_feature_dim) {
+Tensor feature_layout(const Tensor& t, [[maybe_unused]] int64_t first_feature_dim) {
 #ifdef MPFAST_WITH_CUDA
   if (static_cast<int>(mpfast::collapse_dims(t, first_feature_dim).size()) > mpfast::kMaxCudaFeatureDims) {
     return t.contiguous();

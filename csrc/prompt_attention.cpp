@@ -148,7 +148,7 @@ MPFAST_INLINE Vec<float>::type exp_vec(Vec<float>::type x) {
 // softmax_rows for float, 16 columns at a time (Lp is a multiple of 16; bias and keep
 // are padded to Lp with -inf and 0).
 template <>
-MPFAST_CLONES void softmax_rows<float>(int64_t M, int64_t L, int64_t Lp, float* S, const float* bias,
+MPFAST_CLONES void softmax_rows<float>(int64_t M, [[maybe_unused]] int64_t L, int64_t Lp, float* S, const float* bias,
                                        const float* keep, float scale, float* inv, bool normalise) {
   using V = Vec<float>::type;
   constexpr int64_t W = 16;

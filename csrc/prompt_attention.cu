@@ -23,7 +23,6 @@ using cuda::kWarp;
 
 constexpr int kPerLane = 4;
 constexpr int64_t kChunk = kWarp * kPerLane;
-constexpr int kWarpsPerBlock = cuda::kThreads / kWarp;
 
 // Rows of a [B, rows, H, d] tensor, or [rows, H, d] shared by the batch (sb = 0).
 template <typename T>

@@ -3,9 +3,22 @@
 import pytest
 import torch
 
-from mpfast.data import (AnnotationError, FEW_SHOT_K, VideoEntry, average_views, classification_metrics,
-                         few_shot_subset, mean_std, read_class_names, read_hmdb51_split, read_kinetics_csv, read_list,
-                         read_ucf101_split, write_class_names, write_list)
+from mpfast.data import (
+    FEW_SHOT_K,
+    AnnotationError,
+    VideoEntry,
+    average_views,
+    classification_metrics,
+    few_shot_subset,
+    mean_std,
+    read_class_names,
+    read_hmdb51_split,
+    read_kinetics_csv,
+    read_list,
+    read_ucf101_split,
+    write_class_names,
+    write_list,
+)
 from mpfast.data.protocols import class_split, relabel
 
 

@@ -10,8 +10,18 @@ import torch
 pytest.importorskip("decord")
 pytest.importorskip("av")
 
-from mpfast.data import (BrokenVideoLog, ClipTransform, SamplingConfig, VideoDataset, VideoDecodeError, VideoEntry,
-                         collate_videos, dense_indices, load_clips, segment_indices)
+from mpfast.data import (
+    BrokenVideoLog,
+    ClipTransform,
+    SamplingConfig,
+    VideoDataset,
+    VideoDecodeError,
+    VideoEntry,
+    collate_videos,
+    dense_indices,
+    load_clips,
+    segment_indices,
+)
 from mpfast.data.synthetic import render_video, write_video
 from mpfast.transforms import VideoTransform
 

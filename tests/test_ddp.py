@@ -45,7 +45,7 @@ def _run(paths, cache_dir, output):
     trainer = Trainer(model, CLASSES, FeatureDataset(_features(), train=True, seed=2),
                       TrainConfig(epochs=2, batch_size=8, lr=1e-2, progress=False))
     trainer.fit()
-    metrics, logits, labels = evaluate(model, FeatureDataset(_features()), CLASSES, batch_size=3)
+    _, logits, labels = evaluate(model, FeatureDataset(_features()), CLASSES, batch_size=3)
     cache = build_cache(model, _video_dataset(paths), cache_dir, "mpfast-tiny", batch_size=2)
     if not dist.is_initialized() or dist.get_rank() == 0:
         tensors = {f"head.{k}": v.detach().contiguous() for k, v in model.named_parameters() if not k.startswith("clip.")}

@@ -1,15 +1,43 @@
 """Video input: decoding, frame sampling, transforms, annotation files, datasets, protocols."""
 
 from .dataset import BrokenVideoLog, VideoDataset, collate_videos
-from .lists import (AnnotationError, VideoEntry, read_class_names, read_hmdb51_split, read_kinetics_csv, read_list,
-                    read_ucf101_split, write_class_names, write_list)
+from .lists import (
+    AnnotationError,
+    VideoEntry,
+    read_class_names,
+    read_hmdb51_split,
+    read_kinetics_csv,
+    read_list,
+    read_ucf101_split,
+    write_class_names,
+    write_list,
+)
 from .protocols import FEW_SHOT_K, average_views, classification_metrics, few_shot_subset, mean_std
 from .transforms import ClipTransform
 from .video import SamplingConfig, VideoDecodeError, dense_indices, load_clips, segment_indices
 
 __all__ = [
-    "AnnotationError", "BrokenVideoLog", "ClipTransform", "FEW_SHOT_K", "SamplingConfig", "VideoDataset",
-    "VideoDecodeError", "VideoEntry", "average_views", "classification_metrics", "collate_videos", "dense_indices",
-    "few_shot_subset", "load_clips", "mean_std", "read_class_names", "read_hmdb51_split", "read_kinetics_csv",
-    "read_list", "read_ucf101_split", "segment_indices", "write_class_names", "write_list",
+    "FEW_SHOT_K",
+    "AnnotationError",
+    "BrokenVideoLog",
+    "ClipTransform",
+    "SamplingConfig",
+    "VideoDataset",
+    "VideoDecodeError",
+    "VideoEntry",
+    "average_views",
+    "classification_metrics",
+    "collate_videos",
+    "dense_indices",
+    "few_shot_subset",
+    "load_clips",
+    "mean_std",
+    "read_class_names",
+    "read_hmdb51_split",
+    "read_kinetics_csv",
+    "read_list",
+    "read_ucf101_split",
+    "segment_indices",
+    "write_class_names",
+    "write_list",
 ]

@@ -13,8 +13,8 @@ import csv
 import dataclasses
 import os
 import re
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 
 class AnnotationError(ValueError):

@@ -9,8 +9,8 @@ apart, while a model of the motion between frames can. Used by the tests and by
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 

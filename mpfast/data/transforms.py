@@ -9,7 +9,7 @@ optionally, a horizontal flip (turn it off when left/right is part of the label)
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor

@@ -25,8 +25,9 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import asdict
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import open_clip
@@ -113,7 +114,7 @@ class FeatureCache:
                              f"{self.meta['count']} videos, {len(self.failed)} failed")
 
     @classmethod
-    def from_tensors(cls, features: torch.Tensor, labels: torch.Tensor) -> "FeatureCache":
+    def from_tensors(cls, features: torch.Tensor, labels: torch.Tensor) -> FeatureCache:
         """An in-memory cache of precomputed features ``[N, V, T, D]`` with labels ``[N]``."""
         if features.dim() != 4 or labels.dim() != 1 or features.shape[0] != labels.shape[0]:
             raise ValueError(f"need features [N,V,T,D] and labels [N], got {tuple(features.shape)}, {tuple(labels.shape)}")

@@ -14,7 +14,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 import torch.distributed as dist

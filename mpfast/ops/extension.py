@@ -51,7 +51,7 @@ _SOURCES = {
     "cpp": ("bindings.cpp", "temporal_diff.cpp", "motion_mix.cpp", "prompt_attention.cpp"),
     "cuda": ("bindings_cuda.cpp", "temporal_diff.cu", "motion_mix.cu", "prompt_attention.cu"),
 }
-_CXX_FLAGS = ("-O3", "-fopenmp", "-ffp-contract=fast", "-fno-math-errno", "-Wno-unused-parameter")
+_CXX_FLAGS = ("-O3", "-fopenmp", "-ffp-contract=fast", "-fno-math-errno", "-Wno-psabi")
 _LD_FLAGS = ("-fopenmp",)
 _NVCC_FLAGS = ("-O3", "--expt-relaxed-constexpr", "-lineinfo")
 DEFAULT_CUDA_ARCH_LIST = "8.0;9.0"
