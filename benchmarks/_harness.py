@@ -36,6 +36,16 @@ def on_gpu() -> bool:
     return bench_device().type == "cuda"
 
 
+def bench_dtypes() -> list[torch.dtype]:
+    """``MPFAST_BENCH_DTYPES`` (comma-separated names), else bfloat16 on GPU and float32 on CPU."""
+    names = os.environ.get("MPFAST_BENCH_DTYPES") or ("bfloat16" if on_gpu() else "float32")
+    by_name = {name: dtype for dtype, name in DTYPE_NAMES.items()}
+    unknown = [n for n in names.split(",") if n.strip() not in by_name]
+    if unknown:
+        raise ValueError(f"MPFAST_BENCH_DTYPES: unknown dtype(s) {unknown}; expected some of {sorted(by_name)}")
+    return [by_name[n.strip()] for n in names.split(",")]
+
+
 def impls() -> list[str]:
     """Implementations to benchmark: every registry backend plus ``eager`` and ``compile``.
 
@@ -99,14 +109,20 @@ def forward_backward(
 
 
 def run(benchmark, fn: Callable[[], object], device: torch.device, **info) -> None:
-    """Times ``fn`` (synchronising CUDA after each call) and records ``info`` and derived rates.
+    """Times ``fn`` and records ``info`` and derived rates.
 
-    ``info`` must hold ``bytes`` and ``flops`` (per call) besides the labels.
+    ``info`` must hold ``bytes`` and ``flops`` (per call) besides the labels. On CUDA one
+    round queues ``calls_per_round`` calls and synchronises once, so that a round lasts
+    about a millisecond and the launch-and-synchronise latency of a single call does not
+    swamp microsecond kernels; ``compare.py`` divides by ``calls_per_round``.
     """
+    cuda = device.type == "cuda"
+    calls = 1
 
     def call():
-        out = fn()
-        if device.type == "cuda":
+        for _ in range(calls):
+            out = fn()
+        if cuda:
             torch.cuda.synchronize(device)
         return out
 
@@ -115,11 +131,14 @@ def run(benchmark, fn: Callable[[], object], device: torch.device, **info) -> No
     begin = time.perf_counter()
     call()
     once = max(time.perf_counter() - begin, 1e-7)
+    if cuda:
+        calls = int(min(max(1e-3 / once, 1), 200))
+        once *= calls
     rounds = int(min(max(TARGET_SECONDS / once, 5), 100))
-    benchmark.extra_info.update(info, device=str(device))
+    benchmark.extra_info.update(info, device=str(device), calls_per_round=calls)
     benchmark.group = f"{info['op']} {info['shape']} {info['dtype']} {info['pass']}"
     benchmark.pedantic(call, rounds=rounds, warmup_rounds=1, iterations=1)
-    if device.type == "cuda":
+    if cuda:
         benchmark.extra_info["peak_memory_bytes"] = int(torch.cuda.max_memory_allocated(device))
 
 

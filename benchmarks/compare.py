@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 KEY_FIELDS = ("op", "shape", "dtype", "pass")
-IMPL_ORDER = {"copy": 0, "eager": 1, "compile": 2, "reference": 3, "cpp": 4, "triton": 5, "cuda": 6}
+IMPL_ORDER = {"copy": 0, "eager": 1, "compile": 2, "sdpa": 3, "reference": 4, "cpp": 5, "triton": 6, "cuda": 7}
 
 
 def load(path: str | Path) -> dict:
@@ -31,7 +31,7 @@ def rows(data: dict) -> list[dict]:
     out = []
     for bench in data["benchmarks"]:
         info = bench.get("extra_info", {})
-        median = bench["stats"]["median"]
+        median = bench["stats"]["median"] / info.get("calls_per_round", 1)
         row = {field: str(info.get(field, "")) for field in KEY_FIELDS}
         row["impl"] = str(info.get("impl", bench["name"]))
         row["name"] = bench["name"]

@@ -15,7 +15,8 @@
 #   GPU_CHECK_DEVICE    device for tests and benchmarks [cuda]; "cpu" dry-runs the flow
 #   GPU_CHECK_BACKENDS  backends that must run [reference,triton,cuda]
 #   GPU_CHECK_OUT       output folder [gpu_check_out]
-#   GPU_CHECK_MODEL     1: also benchmark ViT-B/16 end to end (+1-2 min) [0]
+#   GPU_CHECK_MODEL     1: also benchmark ViT-B/16 end to end and run `mpfast report`
+#                       on it (bfloat16, 8 and 16 frames; +2-3 min) [0]
 #   GPU_CHECK_TEST_TIMEOUT / GPU_CHECK_BENCH_TIMEOUT  seconds per stage [180 / 300]
 set -u -o pipefail
 
@@ -35,9 +36,18 @@ if [ "$DEVICE" = "cuda" ]; then
 fi
 python -m mpfast.info | tee "$OUT/info.txt"
 
+if [[ ",$BACKENDS," == *",cuda,"* ]]; then
+    echo "== 0/3 building the CUDA extension (TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-8.0;9.0})"
+    timeout 300 python -m mpfast build --kind cuda 2>&1 | tail -n 5 || status=1
+    echo "build: done ($(( $(date +%s) - start ))s so far)"
+fi
+
 echo "== 1/3 op tests on $DEVICE (required: $BACKENDS)"
+TRITON_TESTS=""
+[ "$DEVICE" = "cuda" ] && TRITON_TESTS="tests/test_triton.py"
+# shellcheck disable=SC2086
 MPFAST_TEST_DEVICE="$DEVICE" MPFAST_REQUIRE_BACKENDS="$BACKENDS" timeout "$TEST_TIMEOUT" \
-    python -m pytest tests/test_temporal_diff.py tests/test_motion_mix.py tests/test_prompt_attention.py \
+    python -m pytest tests/test_temporal_diff.py tests/test_motion_mix.py tests/test_prompt_attention.py $TRITON_TESTS \
     -q -p no:randomly -p no:cacheprovider -rfE --junitxml="$OUT/op_tests.xml" 2>&1 | tail -n 25
 rc=$?
 [ $rc -eq 124 ] && echo "op tests: TIMED OUT after ${TEST_TIMEOUT}s"
@@ -60,6 +70,11 @@ if [ -s "$OUT/benchmarks.json" ]; then
     python benchmarks/compare.py "$OUT/benchmarks.json" --output "$OUT/benchmarks.md" && cat "$OUT/benchmarks.md"
 else
     status=1
+fi
+if [ "${GPU_CHECK_MODEL:-0}" = "1" ]; then
+    echo "== report: ViT-B-16, bfloat16, 8 and 16 frames on $DEVICE"
+    timeout 240 python -m mpfast report --device "$DEVICE" --dtype bfloat16 --frames 8 16 --no-sweep --no-progress \
+        --out "$OUT/report" 2>&1 | tail -n 40 || status=1
 fi
 echo "== gpu_check finished in $(( $(date +%s) - start ))s, status $status; files in $OUT/"
 exit $status

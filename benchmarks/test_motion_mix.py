@@ -9,6 +9,7 @@ from mpfast.ops.motion_mix import flops
 from ._harness import (
     DTYPE_NAMES,
     bench_device,
+    bench_dtypes,
     call_for,
     copy_baseline,
     forward_backward,
@@ -22,10 +23,9 @@ from ._harness import (
 # (B, S, T, D): the head's sizes and a large batch of wide features.
 if on_gpu():
     SHAPES = [(32, 2, 8, 512), (32, 2, 16, 512), (1024, 2, 16, 768)]
-    DTYPES = [torch.float32, torch.bfloat16]
 else:
     SHAPES = [(8, 2, 8, 512), (64, 2, 16, 256)]
-    DTYPES = [torch.float32]
+DTYPES = bench_dtypes()
 
 
 def _cases():

@@ -9,6 +9,7 @@ from mpfast.ops.temporal_diff import flops
 from ._harness import (
     DTYPE_NAMES,
     bench_device,
+    bench_dtypes,
     call_for,
     copy_baseline,
     forward_backward,
@@ -22,10 +23,9 @@ from ._harness import (
 # [B, T, *F]: CLS embeddings (the head), patch tokens, raw pixels.
 if on_gpu():
     SHAPES = [(32, 16, 512), (32, 16, 197, 768), (8, 16, 3, 224, 224)]
-    DTYPES = [torch.float32, torch.bfloat16]
 else:
     SHAPES = [(8, 8, 512), (2, 8, 50, 256)]
-    DTYPES = [torch.float32]
+DTYPES = bench_dtypes()
 
 
 def _cases():
