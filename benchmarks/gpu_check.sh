@@ -12,6 +12,7 @@
 #    to torch.compile.
 #
 # Environment (defaults in brackets):
+#   PYTHON              interpreter [python3]
 #   GPU_CHECK_DEVICE    device for tests and benchmarks [cuda]; "cpu" dry-runs the flow
 #   GPU_CHECK_BACKENDS  backends that must run [reference,triton,cuda]
 #   GPU_CHECK_OUT       output folder [gpu_check_out]
@@ -20,6 +21,7 @@
 #   GPU_CHECK_TEST_TIMEOUT / GPU_CHECK_BENCH_TIMEOUT  seconds per stage [180 / 300]
 set -u -o pipefail
 
+PY="${PYTHON:-python3}"  # the GPU images have python3 (their venv), not always python
 DEVICE="${GPU_CHECK_DEVICE:-cuda}"
 BACKENDS="${GPU_CHECK_BACKENDS:-reference,triton,cuda}"
 OUT="${GPU_CHECK_OUT:-gpu_check_out}"
@@ -34,11 +36,11 @@ if [ "$DEVICE" = "cuda" ]; then
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || status=1
     unset TRITON_INTERPRET  # real kernels only
 fi
-python -m mpfast.info | tee "$OUT/info.txt"
+"$PY" -m mpfast.info | tee "$OUT/info.txt"
 
 if [[ ",$BACKENDS," == *",cuda,"* ]]; then
     echo "== 0/3 building the CUDA extension (TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-8.0;9.0})"
-    timeout 300 python -m mpfast build --kind cuda 2>&1 | tail -n 5 || status=1
+    timeout 300 "$PY" -m mpfast build --kind cuda 2>&1 | tail -n 5 || status=1
     echo "build: done ($(( $(date +%s) - start ))s so far)"
 fi
 
@@ -47,7 +49,7 @@ TRITON_TESTS=""
 [ "$DEVICE" = "cuda" ] && TRITON_TESTS="tests/test_triton.py"
 # shellcheck disable=SC2086
 MPFAST_TEST_DEVICE="$DEVICE" MPFAST_REQUIRE_BACKENDS="$BACKENDS" timeout "$TEST_TIMEOUT" \
-    python -m pytest tests/test_temporal_diff.py tests/test_motion_mix.py tests/test_prompt_attention.py $TRITON_TESTS \
+    "$PY" -m pytest tests/test_temporal_diff.py tests/test_motion_mix.py tests/test_prompt_attention.py $TRITON_TESTS \
     -q -p no:randomly -p no:cacheprovider -rfE --junitxml="$OUT/op_tests.xml" 2>&1 | tail -n 25
 rc=$?
 [ $rc -eq 124 ] && echo "op tests: TIMED OUT after ${TEST_TIMEOUT}s"
@@ -58,7 +60,7 @@ echo "== 2/3 op benchmarks on $DEVICE"
 BENCHES="benchmarks/test_temporal_diff.py benchmarks/test_motion_mix.py benchmarks/test_prompt_attention.py"
 [ "${GPU_CHECK_MODEL:-0}" = "1" ] && BENCHES="$BENCHES benchmarks/test_model.py"
 # shellcheck disable=SC2086
-MPFAST_BENCH_DEVICE="$DEVICE" timeout "$BENCH_TIMEOUT" python -m pytest $BENCHES -q -p no:randomly -p no:cacheprovider \
+MPFAST_BENCH_DEVICE="$DEVICE" timeout "$BENCH_TIMEOUT" "$PY" -m pytest $BENCHES -q -p no:randomly -p no:cacheprovider \
     --benchmark-disable-gc --benchmark-json="$OUT/benchmarks.json" --benchmark-columns=median,rounds 2>&1 \
     | grep -E "passed|failed|error|Error|SKIPPED|TIMED" | tail -n 20
 rc=$?
@@ -67,13 +69,13 @@ echo "benchmarks: done ($(( $(date +%s) - start ))s so far)"
 
 echo "== 3/3 results"
 if [ -s "$OUT/benchmarks.json" ]; then
-    python benchmarks/compare.py "$OUT/benchmarks.json" --output "$OUT/benchmarks.md" && cat "$OUT/benchmarks.md"
+    "$PY" benchmarks/compare.py "$OUT/benchmarks.json" --output "$OUT/benchmarks.md" && cat "$OUT/benchmarks.md"
 else
     status=1
 fi
 if [ "${GPU_CHECK_MODEL:-0}" = "1" ]; then
     echo "== report: ViT-B-16, bfloat16, 8 and 16 frames on $DEVICE"
-    timeout 240 python -m mpfast report --device "$DEVICE" --dtype bfloat16 --frames 8 16 --no-sweep --no-progress \
+    timeout 240 "$PY" -m mpfast report --device "$DEVICE" --dtype bfloat16 --frames 8 16 --no-sweep --no-progress \
         --out "$OUT/report" 2>&1 | tail -n 40 || status=1
 fi
 echo "== gpu_check finished in $(( $(date +%s) - start ))s, status $status; files in $OUT/"
