@@ -24,7 +24,7 @@ from ._harness import (
 if on_gpu():
     SHAPES = [(32, 2, 8, 512), (32, 2, 16, 512), (1024, 2, 16, 768)]
 else:
-    SHAPES = [(8, 2, 8, 512), (64, 2, 16, 256)]
+    SHAPES = [(32, 2, 16, 512), (64, 2, 16, 256)]
 DTYPES = bench_dtypes()
 
 

@@ -24,7 +24,7 @@ from ._harness import (
 if on_gpu():
     SHAPES = [(32, 16, 512), (32, 16, 197, 768), (8, 16, 3, 224, 224)]
 else:
-    SHAPES = [(8, 8, 512), (2, 8, 50, 256)]
+    SHAPES = [(32, 16, 512), (2, 8, 50, 256), (4, 16, 3, 224, 224)]  # head, patch tokens, pixels
 DTYPES = bench_dtypes()
 
 

@@ -16,14 +16,14 @@ from torch import Tensor
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from ..transforms import OPENAI_MEAN, OPENAI_STD
+from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 
 BICUBIC = v2.InterpolationMode.BICUBIC  # as open_clip's preprocessing
 
 
 @dataclasses.dataclass(frozen=True)
 class ClipTransform:
-    """uint8 ``[T, H, W, 3]`` -> float32 ``[crops, T, 3, S, S]`` normalised frames.
+    """``[T, H, W, 3]`` frames (uint8, or float in [0, 1]) -> float32 ``[crops, T, 3, S, S]`` normalised.
 
     Args:
         image_size: S. mean, std: per-channel normalisation (the model's).
@@ -34,8 +34,8 @@ class ClipTransform:
     """
 
     image_size: int
-    mean: tuple[float, ...] = OPENAI_MEAN
-    std: tuple[float, ...] = OPENAI_STD
+    mean: tuple[float, ...] = OPENAI_DATASET_MEAN
+    std: tuple[float, ...] = OPENAI_DATASET_STD
     train: bool = False
     crops: int = 1
     flip: bool = True
@@ -65,8 +65,8 @@ class ClipTransform:
             frames = torch.as_tensor(frames)
         if frames.dim() != 4 or frames.shape[-1] != 3:
             raise ValueError(f"frames must be a tensor [T,H,W,3], got shape {tuple(frames.shape)}")
-        if frames.dtype != torch.uint8:
-            raise TypeError(f"frames must be uint8 (decoded video), got {frames.dtype}")
+        if frames.dtype != torch.uint8 and not frames.is_floating_point():
+            raise TypeError(f"frames must be uint8 (decoded video) or float in [0, 1], got {frames.dtype}")
         video = frames.permute(0, 3, 1, 2)  # [T,3,H,W], a view
         size = self.image_size
         if self.train:
@@ -86,7 +86,11 @@ class ClipTransform:
                     top = int(round((height - size) * fraction)) if height > width else (height - size) // 2
                     left = int(round((width - size) * fraction)) if width >= height else (width - size) // 2
                     views.append(TF.crop(resized, top, left, size, size))
-        out = torch.stack(views).to(torch.float32).div_(255.0)
+        out = torch.stack(views).to(torch.float32)
+        if frames.dtype == torch.uint8:
+            out = out.div_(255.0)
+        else:  # bicubic overshoot clipped, as uint8 (and PIL in open_clip) clip it
+            out = out.clamp_(0.0, 1.0)
         mean = torch.tensor(self.mean).view(1, 1, 3, 1, 1)
         std = torch.tensor(self.std).view(1, 1, 3, 1, 1)
         return out.sub_(mean).div_(std)

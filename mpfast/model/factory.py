@@ -10,8 +10,9 @@ from typing import Callable
 
 import open_clip
 import torch
+from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 
-from ..transforms import OPENAI_MEAN, OPENAI_STD, VideoTransform
+from ..transforms import VideoTransform
 from .config import HeadConfig
 from .motion_clip import MotionCLIP
 
@@ -82,8 +83,8 @@ def create_clip(model_name: str, pretrained: str | None = None, device: str | to
     visual = clip.visual
     size = visual.image_size
     size = size[0] if isinstance(size, (tuple, list)) else size
-    mean = getattr(visual, "image_mean", None) or OPENAI_MEAN
-    std = getattr(visual, "image_std", None) or OPENAI_STD
+    mean = getattr(visual, "image_mean", None) or OPENAI_DATASET_MEAN
+    std = getattr(visual, "image_std", None) or OPENAI_DATASET_STD
     return clip, int(size), tuple(mean), tuple(std)
 
 
