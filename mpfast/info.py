@@ -19,7 +19,6 @@ def collect() -> dict:
         triton_version = triton.__version__
     except ImportError as exc:
         triton_version = f"not installed ({exc})"
-    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     return {
         "mpfast": mpfast.__version__,
         "python": platform.python_version(),
@@ -31,7 +30,7 @@ def collect() -> dict:
         "CUDA_HOME": os.environ.get("CUDA_HOME") or "unset",
         "MPFAST_BACKEND": os.environ.get("MPFAST_BACKEND") or "unset (auto)",
         "TRITON_INTERPRET": os.environ.get("TRITON_INTERPRET") or "unset",
-        "backends": {device: available_backends(device) for device in devices},
+        "backends": {device: available_backends(device) for device in ("cpu", "cuda")},
     }
 
 

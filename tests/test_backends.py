@@ -37,6 +37,17 @@ def test_available_backends_lists_every_backend_with_reasons():
     assert "does not run on cpu" in table["cuda"]
 
 
+def test_without_a_gpu_cuda_tensors_are_unavailable_before_anything_loads(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    loads = []
+    for name in ("triton", "cuda"):
+        monkeypatch.setitem(_registry._BACKENDS, name,
+                            Backend(name, ("cuda",), lambda name=name: loads.append(name) or {}))
+    table = ops.available_backends("cuda")
+    assert table["triton"] == table["cuda"] == "no CUDA device here (torch.cuda.is_available() is False)"
+    assert loads == []  # nothing compiled or imported to say so
+
+
 def test_named_backend_that_cannot_run_raises():
     with ops.backend("cuda"), pytest.raises(BackendUnavailableError, match="'cuda' cannot run temporal_diff.*cpu"):
         ops.temporal_diff(torch.randn(2, 3, 4), [1])

@@ -101,6 +101,8 @@ class Backend:
         """Why this backend cannot run on ``device_type`` tensors at all (``None``: it can)."""
         if device_type not in self.devices:
             return f"{self.name} does not run on {device_type} tensors (it runs on {', '.join(self.devices)})"
+        if device_type == "cuda" and not torch.cuda.is_available():  # before loading (compiling) anything
+            return "no CUDA device here (torch.cuda.is_available() is False)"
         if self.device_check is not None:
             reason = self.device_check(device_type)
             if reason:
