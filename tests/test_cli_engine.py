@@ -59,6 +59,14 @@ def test_train_writes_a_checkpoint_and_metrics(trained):
     assert {r["type"] for r in records} == {"train", "eval"} and records[-1]["count"] == 4
 
 
+def test_train_from_a_reused_cache_counts_the_skipped_video(data, trained, capsys):
+    assert main(["train", *MODEL, "--num-frames", "4", "--train-list", data["train"], "--classes", data["classes"],
+                 "--cache-dir", str(data["tmp"] / "cache"), "--output", str(data["tmp"] / "again"), "--epochs", "1",
+                 "--batch-size", "4", "--no-progress", "--clips", "2"]) == 0
+    result = _json(capsys)
+    assert result["train_videos"] == 8 and result["skipped"] == 1
+
+
 def test_train_from_videos_few_shot(data, capsys):
     output = data["tmp"] / "few"
     assert main(["train", *MODEL, "--num-frames", "4", "--train-list", data["train"], "--classes", data["classes"],

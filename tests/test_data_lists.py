@@ -9,6 +9,7 @@ from mpfast.data import (
     VideoEntry,
     average_views,
     classification_metrics,
+    few_shot_indices,
     few_shot_subset,
     mean_std,
     read_class_names,
@@ -137,6 +138,10 @@ def test_few_shot_subset_is_all_way_k_shot_and_seeded():
         assert sorted(e.label for e in subset) == sorted(list(range(5)) * shots)
         assert subset == few_shot_subset(entries, shots, seed=1)
     assert few_shot_subset(entries, 4, seed=1) != few_shot_subset(entries, 4, seed=2)
+    doubled = entries + entries[:3]  # a line listed twice is one more candidate, never an extra shot
+    for seed in range(20):
+        positions = few_shot_indices(doubled, 2, seed=seed)
+        assert positions == sorted(positions) and sorted(doubled[i].label for i in positions) == sorted(list(range(5)) * 2)
     with pytest.raises(ValueError, match="fewer than shots=32"):
         few_shot_subset(entries, 32)
     with pytest.raises(ValueError, match="positive"):

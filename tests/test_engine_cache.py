@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import logging
 import os
 
 import pytest
@@ -13,7 +14,7 @@ pytest.importorskip("av")
 from mpfast import create_model_and_transforms
 from mpfast.data import ClipTransform, SamplingConfig, VideoDataset, read_list
 from mpfast.data.synthetic import make_synthetic_dataset
-from mpfast.engine import FeatureCache, FeatureDataset, build_cache
+from mpfast.engine import FeatureCache, FeatureDataset, TrainConfig, Trainer, build_cache, evaluate
 from mpfast.engine.cache import collate_features
 
 
@@ -116,3 +117,23 @@ def test_cache_rejects_training_datasets(data, model, tmp_path, tiny_model_name)
     train = dataclasses.replace(dataset.transform, train=True, crops=1)
     with pytest.raises(ValueError, match="evaluation-mode"):
         build_cache(model, VideoDataset(dataset.entries, dataset.root, dataset.sampling, train), tmp_path, tiny_model_name)
+
+
+def test_videos_left_out_of_a_reused_cache_are_counted(data, model, tmp_path, tiny_model_name, caplog):
+    build_cache(model, _dataset(data), tmp_path, tiny_model_name)
+    cache = build_cache(model, _dataset(data), tmp_path, tiny_model_name)  # reused: nothing decoded
+    broken = cache.meta["count"] - 1
+    classes = ["moving left", "moving right", "moving up", "moving down"]
+    caplog.clear()  # the build's own warning
+    with caplog.at_level(logging.WARNING, logger="mpfast.data"):
+        metrics, _, _ = evaluate(model, FeatureDataset(cache), classes)
+        trainer = Trainer(model, classes, FeatureDataset(cache, train=True),
+                          TrainConfig(epochs=1, batch_size=4, progress=False))
+    assert metrics["skipped"] == 1 and metrics["count"] == broken
+    assert list(trainer.broken.failed) == [broken]
+    assert caplog.text.count("skipping video") == 2 and "broken.mp4" in caplog.text and "1 video(s) skipped" in caplog.text
+    subset = FeatureDataset(cache, positions=[0, broken, 3])
+    assert len(subset) == 2 and list(subset.failed) == [broken] and [subset[i]["index"] for i in range(2)] == [0, 3]
+    assert FeatureDataset(cache, positions=[1, 2]).failed == {}
+    with pytest.raises(ValueError, match="not videos of the cache"):
+        FeatureDataset(cache, positions=[broken + 1])

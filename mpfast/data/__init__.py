@@ -12,7 +12,14 @@ from .lists import (
     write_class_names,
     write_list,
 )
-from .protocols import FEW_SHOT_K, average_views, classification_metrics, few_shot_subset, mean_std
+from .protocols import (
+    FEW_SHOT_K,
+    average_views,
+    classification_metrics,
+    few_shot_indices,
+    few_shot_subset,
+    mean_std,
+)
 from .transforms import ClipTransform
 from .video import SamplingConfig, VideoDecodeError, dense_indices, load_clips, segment_indices
 
@@ -29,6 +36,7 @@ __all__ = [
     "classification_metrics",
     "collate_videos",
     "dense_indices",
+    "few_shot_indices",
     "few_shot_subset",
     "load_clips",
     "mean_std",

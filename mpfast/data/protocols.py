@@ -49,11 +49,12 @@ def classification_metrics(logits: Tensor, labels: Tensor, num_classes: int | No
             "mean_class_accuracy": float(np.mean(per_class)), "count": int(labels.shape[0])}
 
 
-def few_shot_subset(entries: Sequence[VideoEntry], shots: int, seed: int = 0) -> list[VideoEntry]:
-    """All-way K-shot: ``shots`` videos of every class present, drawn with ``seed``.
+def few_shot_indices(entries: Sequence[VideoEntry], shots: int, seed: int = 0) -> list[int]:
+    """All-way K-shot: positions in ``entries`` of ``shots`` videos of every class present.
 
-    The draw depends only on ``(entries, shots, seed)``; the result keeps the order of
-    ``entries``. Raises ValueError when a class has fewer than ``shots`` videos.
+    The draw depends only on ``(entries, shots, seed)``; the positions are sorted. Lines
+    listed twice are distinct candidates, so a class never gets more than ``shots``.
+    Raises ValueError when a class has fewer than ``shots`` videos.
     """
     if isinstance(shots, bool) or not isinstance(shots, int) or shots < 1:
         raise ValueError(f"shots must be a positive int (usually one of {FEW_SHOT_K}), got {shots!r}")
@@ -67,7 +68,12 @@ def few_shot_subset(entries: Sequence[VideoEntry], shots: int, seed: int = 0) ->
         if len(positions) < shots:
             raise ValueError(f"class {label} has {len(positions)} video(s), fewer than shots={shots}")
         chosen.extend(rng.choice(positions, size=shots, replace=False).tolist())
-    return [entries[i] for i in sorted(chosen)]
+    return sorted(chosen)
+
+
+def few_shot_subset(entries: Sequence[VideoEntry], shots: int, seed: int = 0) -> list[VideoEntry]:
+    """The entries at :func:`few_shot_indices` (in the order of ``entries``)."""
+    return [entries[i] for i in few_shot_indices(entries, shots, seed)]
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:

@@ -223,13 +223,30 @@ def _write_json_atomic(path: str, value: Any) -> None:
 class FeatureDataset(torch.utils.data.Dataset):
     """Cached features as a dataset.
 
-    Items: ``features`` float32 ``[V', T, D]`` — every view when evaluating, one view
-    (drawn from ``(seed, epoch, index)``) when training — plus ``label`` and ``index``.
+    Args:
+        cache: the features.
+        train: one view per item (drawn from ``(seed, epoch, index)``) when True, else every view.
+        seed: base seed of the view choice.
+        positions: the dataset positions (indices into the cached video list) to serve,
+            e.g. a few-shot subset; by default every readable video.
+
+    Items: ``features`` float32 ``[V', T, D]``, ``label`` and ``index``. Videos the cache
+    could not read are left out and listed in :attr:`failed`, so the caller can count them.
     """
 
-    def __init__(self, cache: FeatureCache, *, train: bool = False, seed: int = 0, rows: Sequence[int] | None = None):
+    def __init__(self, cache: FeatureCache, *, train: bool = False, seed: int = 0,
+                 positions: Sequence[int] | None = None):
         self.cache, self.train, self.seed, self.epoch = cache, train, seed, 0
-        self.rows = list(range(cache.features.shape[0])) if rows is None else list(rows)
+        if positions is None:
+            self.rows = list(range(cache.features.shape[0]))
+            self.failed = dict(cache.failed)
+        else:
+            lookup = {int(index): row for row, index in enumerate(cache.indices.tolist())}
+            unknown = [p for p in positions if p not in lookup and p not in cache.failed]
+            if unknown:
+                raise ValueError(f"positions {unknown[:5]} are not videos of the cache ({cache.meta['count']} videos)")
+            self.rows = [lookup[p] for p in positions if p in lookup]
+            self.failed = {p: cache.failed[p] for p in positions if p in cache.failed}
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -253,9 +270,3 @@ def collate_features(items: Sequence[dict]) -> dict:
             "label": torch.tensor([item["label"] for item in items], dtype=torch.long),
             "index": torch.tensor([item["index"] for item in items], dtype=torch.long),
             "failed": [], "short": 0}
-
-
-def rows_for_entries(cache: FeatureCache, positions: Sequence[int]) -> list[int]:
-    """Cache rows of the given dataset positions (skipped videos are left out)."""
-    lookup = {int(index): row for row, index in enumerate(cache.indices.tolist())}
-    return [lookup[p] for p in positions if p in lookup]

@@ -20,12 +20,12 @@ import torch
 
 from ..data.dataset import VideoDataset, check_policy
 from ..data.lists import VideoEntry, read_class_names, read_list
-from ..data.protocols import few_shot_subset, mean_std
+from ..data.protocols import few_shot_indices, mean_std
 from ..data.transforms import ClipTransform
 from ..data.video import SAMPLING_MODES, SamplingConfig, VideoDecodeError
 from ..model import create_model_and_transforms
 from . import distributed
-from .cache import FeatureDataset, build_cache, rows_for_entries
+from .cache import FeatureDataset, build_cache
 from .checkpoint import load_checkpoint, load_head
 from .trainer import AMP_MODES, TrainConfig, Trainer, evaluate
 
@@ -172,8 +172,7 @@ def _cached(args, model, model_info, entries, root, device, *, train: bool, seed
     cache = build_cache(model, dataset, args.cache_dir, model_info["model"], precision=args.precision,
                         batch_size=max(1, args.batch_size // distributed.world_size()), num_workers=args.workers,
                         device=device, progress=not args.no_progress)
-    rows = rows_for_entries(cache, positions) if positions is not None else None
-    return FeatureDataset(cache, train=train, seed=seed, rows=rows)
+    return FeatureDataset(cache, train=train, seed=seed, positions=positions)
 
 
 # --------------------------------------------------------------------------- commands
@@ -198,8 +197,7 @@ def run_train(args: argparse.Namespace) -> int:
     entries = read_list(args.train_list, num_classes=len(class_names))
     positions = list(range(len(entries)))
     if args.shots is not None:
-        chosen = set(few_shot_subset(entries, args.shots, seed=args.seed))
-        positions = [i for i, e in enumerate(entries) if e in chosen]
+        positions = few_shot_indices(entries, args.shots, seed=args.seed)
     root = _root(args, args.train_list)
     config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
                          warmup_steps=args.warmup_steps, amp=args.amp, grad_clip=args.grad_clip, seed=args.seed,

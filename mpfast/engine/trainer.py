@@ -118,6 +118,16 @@ def _has_rows(batch: dict) -> bool:
     return batch.get("features") is not None or batch.get("video") is not None
 
 
+def merge_process_logs(log: BrokenVideoLog, device: torch.device) -> None:
+    """Gives every process the skipped videos and short clips of all processes (counts; messages stay local)."""
+    if not distributed.is_distributed():
+        return
+    failed = distributed.gather_rows(torch.tensor(sorted(log.failed), dtype=torch.long, device=device))
+    for index in failed.tolist():
+        log.failed.setdefault(index, "skipped by another process")
+    log.short = int(distributed.all_reduce_sum(torch.tensor([log.short], device=device)).item())
+
+
 @torch.no_grad()
 def evaluate(model: MotionCLIP, dataset: Dataset, class_names: Sequence[str], *, batch_size: int = 32,
              device: str | torch.device = "cpu", amp: str = "none", num_workers: int = 0,
@@ -138,10 +148,11 @@ def evaluate(model: MotionCLIP, dataset: Dataset, class_names: Sequence[str], *,
         from tqdm.auto import tqdm
         loader = tqdm(loader, desc="evaluating", unit="batch", dynamic_ncols=True)
     broken = BrokenVideoLog()
-    all_logits, all_labels, all_indices, failed = [], [], [], []
+    if isinstance(dataset, FeatureDataset) and distributed.rank() == 0:
+        broken.update({"failed": sorted(dataset.failed.items())})  # left out when the cache was built
+    all_logits, all_labels, all_indices = [], [], []
     for batch in loader:
         broken.update(batch)
-        failed += [index for index, _ in batch["failed"]]
         if not _has_rows(batch):
             continue
         all_logits.append(batch_logits(model, batch, class_features, device, amp).cpu())
@@ -152,19 +163,18 @@ def evaluate(model: MotionCLIP, dataset: Dataset, class_names: Sequence[str], *,
     labels = torch.cat(all_labels) if all_labels else torch.zeros(0, dtype=torch.long)
     indices = torch.cat(all_indices) if all_indices else torch.zeros(0, dtype=torch.long)
     logits, labels, indices = (distributed.gather_rows(t.to(device)).cpu() for t in (logits, labels, indices))
-    failed_all = distributed.gather_rows(torch.tensor(failed, dtype=torch.long, device=device)).cpu()
     order = torch.argsort(indices, stable=True)
     indices, logits, labels = indices[order], logits[order], labels[order]
     keep = torch.ones_like(indices, dtype=torch.bool)
     keep[1:] = indices[1:] != indices[:-1]  # the sampler pads with repeats
     logits, labels = logits[keep], labels[keep]
-    broken.report()
+    merge_process_logs(broken, device)
+    if distributed.rank() == 0:
+        broken.report()
     if logits.shape[0] == 0:
         raise RuntimeError("no video of the evaluation set could be read")
     metrics = classification_metrics(logits, labels, len(class_names))
-    metrics["skipped"] = int(torch.unique(failed_all).numel())
-    if isinstance(dataset, FeatureDataset):
-        metrics["skipped"] += len(dataset.cache.failed)
+    metrics["skipped"] = len(broken.failed)
     return metrics, logits, labels
 
 
@@ -227,6 +237,8 @@ class Trainer:
         self.step = 0
         self.log = MetricsLog(os.path.join(self.output_dir, "metrics.jsonl") if self.output_dir else None)
         self.broken = BrokenVideoLog()
+        if isinstance(train_set, FeatureDataset) and distributed.rank() == 0:
+            self.broken.update({"failed": sorted(train_set.failed.items())})  # left out when the cache was built
         self.history: list[dict[str, Any]] = []
 
     # ----------------------------------------------------------------- checkpoints
@@ -348,7 +360,9 @@ class Trainer:
                             metrics["top5"], metrics["mean_class_accuracy"])
         if bar is not None:
             bar.close()
-        self.broken.report()
+        merge_process_logs(self.broken, self.device)
+        if distributed.rank() == 0:
+            self.broken.report()
         return self.history
 
     def _log_train(self, epoch: int, running: dict[str, float], started: float, bar) -> None:
