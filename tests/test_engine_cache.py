@@ -94,8 +94,8 @@ def test_any_input_change_gives_a_new_cache(data, model, tmp_path, tiny_model_na
         dataset = _dataset(data, num_frames=6)
     elif change == "sampling":
         dataset = _dataset(data, mode="dense")
-    elif change == "transform":
-        dataset = _dataset(data, crops=3, clips=1)
+    elif change == "transform":  # only the transform: the clip count is part of the sampling
+        dataset = _dataset(data, crops=3)
     elif change == "weights":
         with torch.no_grad():
             next(model.clip.visual.parameters()).add_(0.5)
