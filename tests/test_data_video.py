@@ -35,7 +35,11 @@ def videos(tmp_path_factory):
     write_video(root / "good.mp4", frames)
     write_video(root / "short.mp4", render_video("moving up", rng, size=32, num_frames=3))
     data = (root / "good.mp4").read_bytes()
-    (root / "truncated.mp4").write_bytes(data[: len(data) // 2])
+    (root / "truncated.mp4").write_bytes(data[: len(data) // 2])  # index (at the end) lost
+    write_video(root / "streamable.mp4", frames, faststart=True)
+    data = (root / "streamable.mp4").read_bytes()
+    assert data.find(b"moov") < data.find(b"mdat")
+    (root / "truncated_data.mp4").write_bytes(data[: len(data) * 3 // 4])  # index kept, frame data cut
     (root / "empty.mp4").write_bytes(b"")
     (root / "garbage.mp4").write_bytes(np.random.default_rng(1).integers(0, 256, 2000, dtype=np.uint8).tobytes())
     (root / "folder.mp4").mkdir()
@@ -43,6 +47,7 @@ def videos(tmp_path_factory):
 
 
 BROKEN = {"missing.mp4": "does not exist", "empty.mp4": "empty", "truncated.mp4": "unreadable",
+          "truncated_data.mp4": "unreadable",
           "garbage.mp4": "unreadable", "folder.mp4": "not a regular file"}
 
 
@@ -88,6 +93,29 @@ def test_broken_files_raise_a_clear_error(videos, name):
     with pytest.raises(VideoDecodeError, match=BROKEN[name]) as info:
         load_clips(root / name, SamplingConfig(4))
     assert info.value.path == os.fspath(root / name)
+
+
+class _ReaderThatFailsToDecode:
+    """Opens (as decord does for a file damaged after its index) but fails in get_batch."""
+
+    def __len__(self):
+        return 12
+
+    def get_batch(self, indices):
+        raise RuntimeError("av_read_frame failed\nC++ stack trace")
+
+
+def test_decoding_failure_after_opening_is_skipped_or_raised(videos, monkeypatch):
+    from mpfast.data import video as video_module
+
+    root, _ = videos
+    monkeypatch.setattr(video_module, "open_video", lambda path: _ReaderThatFailsToDecode())
+    with pytest.raises(VideoDecodeError, match=r"good.mp4.*decoding failed, the file may be truncated \(av_read_frame failed\)$"):
+        load_clips(root / "good.mp4", SamplingConfig(4))
+    item = _dataset(root, ["good.mp4"])[0]
+    assert "video" not in item and "decoding failed" in item["error"]
+    with pytest.raises(VideoDecodeError, match="decoding failed"):
+        _dataset(root, ["good.mp4"], on_error="raise")[0]
 
 
 def _dataset(root, names, on_error="skip", num_frames=4, train=False):

@@ -46,8 +46,12 @@ def render_video(direction: str, rng: np.random.Generator, size: int = 32, num_f
     return video
 
 
-def write_video(path: str | os.PathLike, frames: np.ndarray, fps: int = 8) -> None:
-    """Encodes uint8 ``[T, H, W, 3]`` frames (even H and W) to an H.264 mp4 with PyAV."""
+def write_video(path: str | os.PathLike, frames: np.ndarray, fps: int = 8, faststart: bool = False) -> None:
+    """Encodes uint8 ``[T, H, W, 3]`` frames (even H and W) to an H.264 mp4 with PyAV.
+
+    ``faststart`` puts the index (``moov``) before the frame data, as streamed files do;
+    by default it comes last.
+    """
     try:
         import av
     except ImportError as exc:
@@ -58,7 +62,7 @@ def write_video(path: str | os.PathLike, frames: np.ndarray, fps: int = 8) -> No
     height, width = frames.shape[1:3]
     if height % 2 or width % 2:
         raise ValueError(f"H.264 needs even frame sizes, got {height}x{width}")
-    with av.open(os.fspath(path), "w") as container:
+    with av.open(os.fspath(path), "w", options={"movflags": "faststart"} if faststart else {}) as container:
         stream = container.add_stream("libx264", rate=fps)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         stream.options = {"crf": "12", "preset": "veryfast"}
