@@ -222,6 +222,8 @@ class Trainer:
         self.model, self.class_names, self.train_set, self.config = model, list(class_names), train_set, config
         self.eval_set, self.eval_class_names = eval_set, list(eval_class_names or class_names)
         self.device = torch.device(device)
+        if config.amp == "fp16" and self.device.type != "cuda":
+            raise ValueError(f"amp='fp16' needs a CUDA device, got {self.device}; use amp='bf16' on CPU")
         self.output_dir = os.fspath(output_dir) if output_dir is not None else None
         self.model_info = model_info or {}
         self.local_batch = config.batch_size // world
