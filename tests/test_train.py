@@ -12,7 +12,7 @@ from mpfast import create_model_and_transforms
 from mpfast.engine import FeatureCache, FeatureDataset, TrainConfig, Trainer, evaluate, load_checkpoint, load_head
 from mpfast.engine import checkpoint as checkpoint_module
 from mpfast.engine.cache import collate_features
-from mpfast.engine.trainer import WarmupCosine
+from mpfast.engine.trainer import WarmupCosine, batch_logits
 
 CLASSES = ["moving left", "moving right", "moving up"]
 
@@ -124,6 +124,19 @@ def _one_step(model, **options):
                                 model.encode_classes(CLASSES))
     norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in trainer.parameters]))
     return result, norm.item()
+
+
+def test_multi_view_logits_are_averaged(tiny_model_name):
+    model = _model(tiny_model_name)
+    with torch.no_grad():
+        model.motion.gate.normal_()  # a head away from zero-init
+    features = _features(count=2, views=3).features
+    classes = model.encode_classes(CLASSES)
+    got = batch_logits(model, {"features": features}, classes, torch.device("cpu"))
+    per_view = torch.stack([model.forward_features(features[:, v], classes) for v in range(3)], dim=1)
+    torch.testing.assert_close(got, per_view.mean(dim=1))
+    pooled = model.forward_features(features.mean(dim=1), classes)  # averaging features instead is different
+    assert (got - pooled).abs().max() > 1e-3
 
 
 def test_gradients_are_clipped(tiny_model_name):
