@@ -81,6 +81,31 @@ def test_resume_continues_exactly(tiny_model_name, tmp_path):
     assert resumed.scheduler.get_last_lr() == reference.scheduler.get_last_lr()
 
 
+def test_metrics_log_has_each_step_once_after_restart_or_resume(tiny_model_name, tmp_path):
+    def steps():
+        return [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+
+    cache = _features()
+    _trainer(_model(tiny_model_name), cache, tmp_path, checkpoint_every=2).fit()
+    assert steps() == [1, 2, 3, 4, 5, 6]
+    again = _trainer(_model(tiny_model_name), cache, tmp_path, checkpoint_every=2)  # a new run, same folder
+    log_train = again._log_train
+
+    def log_then_stop(*args):
+        log_train(*args)
+        if again.step == 5:  # logged, but the last checkpoint is at step 4
+            raise Interrupted
+
+    again._log_train = log_then_stop
+    with pytest.raises(Interrupted):
+        again.fit()
+    assert steps() == [1, 2, 3, 4, 5]  # the old run's records are gone
+    resumed = _trainer(_model(tiny_model_name), cache, tmp_path, checkpoint_every=2)
+    resumed.resume(tmp_path / "last.safetensors")
+    resumed.fit()
+    assert steps() == [1, 2, 3, 4, 5, 6]  # step 5 redone, logged once
+
+
 def test_resume_refuses_a_different_run(tiny_model_name, tmp_path):
     trainer = _trainer(_model(tiny_model_name), _features(), tmp_path, epochs=1)
     trainer.fit()

@@ -186,6 +186,16 @@ class MetricsLog:
         if self.path:
             os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
 
+    def start(self, step: int) -> None:
+        """Keeps the records up to ``step`` (where training starts or resumes): a fresh run
+        starts an empty log, a resumed one drops what it will redo after its checkpoint."""
+        if not self.path or not os.path.exists(self.path):
+            return
+        with open(self.path, encoding="utf-8") as handle:
+            kept = [line for line in handle if line.strip() and json.loads(line)["step"] <= step] if step else []
+        with open(self.path, "w", encoding="utf-8") as handle:
+            handle.writelines(kept)
+
     def write(self, record: dict[str, Any]) -> None:
         if self.path:
             with open(self.path, "a", encoding="utf-8") as handle:
@@ -333,6 +343,7 @@ class Trainer:
         if config.progress and distributed.rank() == 0:
             from tqdm.auto import tqdm
             bar = tqdm(total=self.total_steps, initial=self.step, desc="training", unit="step", dynamic_ncols=True)
+        self.log.start(self.step)
         running = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0}
         started = time.perf_counter()
         while self.step < self.total_steps:
