@@ -84,7 +84,7 @@ def test_load_clips_decodes_the_sampled_frames(videos):
     clips, length = load_clips(root / "good.mp4", SamplingConfig(4), num_views=2)
     assert length == 12 and clips.shape == (2, 4, 32, 32, 3) and clips.dtype == np.uint8
     expected = frames[segment_indices(12, 4, view=1, num_views=2)]
-    assert np.abs(clips[1].astype(int) - expected.astype(int)).mean() < 4  # lossy codec, close to the source
+    assert np.abs(clips[1].astype(int) - expected.astype(int)).mean() < 2.5  # lossy codec: 1.3; the next frame: 5.1
 
 
 @pytest.mark.parametrize("name", sorted(BROKEN))
