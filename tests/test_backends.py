@@ -136,3 +136,20 @@ def test_ops_compile_without_graph_breaks():
     torch.testing.assert_close(got, expected)
     for g, e in zip(torch.autograd.grad(got, args), torch.autograd.grad(expected, args)):
         torch.testing.assert_close(g, e)
+
+
+def test_ops_under_autocast_take_mixed_dtypes():
+    # Under autocast, linear layers hand the ops bfloat16 next to float32 tensors.
+    h, m, gate = torch.randn(2, 3, 8), torch.randn(2, 2, 3, 8), torch.randn(2, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        outputs = ops.motion_mix(h, m.bfloat16(), gate)
+    for got, want in zip(outputs, ops.motion_mix(h, m.bfloat16().float(), gate)):
+        assert got.dtype == torch.float32  # normalisation runs in float32, as autocast's layer_norm
+        torch.testing.assert_close(got, want)
+    q, k, v = torch.randn(5, 2, 4), torch.randn(2, 3, 2, 4).bfloat16(), torch.randn(2, 3, 2, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = ops.prompt_attention(q, k, v)
+    assert out.dtype == torch.bfloat16  # like scaled_dot_product_attention under autocast
+    torch.testing.assert_close(out, ops.prompt_attention(q.bfloat16(), k, v.bfloat16()))
+    with pytest.raises(ValueError, match="same dtype"):  # outside autocast mixed dtypes stay an error
+        ops.prompt_attention(q, k, v)

@@ -170,8 +170,6 @@ def test_gradients_are_clipped(tiny_model_name):
     assert unclipped > 1e-2 and clipped == pytest.approx(1e-3, rel=1e-4)
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason="under autocast the motion stream is bfloat16 and the "
-                   "spatial stream float32; motion_mix rejects mixed dtypes (mpfast/model/motion.py forward)")
 def test_bf16_autocast_step_is_close_to_float32(tiny_model_name):
     reference, _ = _one_step(_model(tiny_model_name))
     result, norm = _one_step(_model(tiny_model_name), amp="bf16")

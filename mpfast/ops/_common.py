@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
-
 import contextlib
-from typing import Iterator
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 
@@ -36,6 +35,23 @@ def check_same(what: str, **tensors: torch.Tensor) -> None:
     if len(set(values.values())) > 1:
         listing = ", ".join(f"{name} on {v}" if what == "device" else f"{name} is {v}" for name, v in values.items())
         raise ValueError(f"all inputs must have the same {what}: {listing}")
+
+
+def autocast_inputs(dtype: torch.dtype | None, *values: Any) -> tuple:
+    """Under autocast on the first tensor's device, the floating tensors among ``values`` cast.
+
+    ``dtype`` is the dtype the op runs in under autocast (``None``: autocast's own
+    lower-precision dtype); outside autocast, and for anything that is not a floating
+    tensor, ``values`` come back unchanged (validation then rejects what is wrong).
+    """
+    first = next((v for v in values if isinstance(v, torch.Tensor)), None)
+    if first is None:
+        return values
+    device_type = first.device.type
+    if not (torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)):
+        return values
+    dtype = dtype or torch.get_autocast_dtype(device_type)
+    return tuple(v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v for v in values)
 
 
 def resolve(op: str, args: Sequence, device: torch.device) -> str:

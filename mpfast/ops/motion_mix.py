@@ -134,7 +134,11 @@ def motion_mix(h: Tensor, m: Tensor, gate: Tensor) -> tuple[Tensor, Tensor, Tens
         ``(u, v, mu)``: mixed frames ``u = h + sum_s tanh(gate_s) * m_s`` ``[B, T, D]``;
         video embedding ``v = normalize(mean_t u)`` ``[B, D]``; motion descriptor
         ``mu = mean_{s,t} m`` ``[B, D]``.
+
+    Under autocast it runs in float32 (a mean and a normalisation, like autocast's
+    ``layer_norm``), whatever dtypes the two streams arrive in.
     """
+    h, m, gate = _common.autocast_inputs(torch.float32, h, m, gate)
     _validate(h, m, gate)
     if gate.dtype != h.dtype:
         gate = gate.to(h.dtype)

@@ -159,7 +159,11 @@ def prompt_attention(
 
     Returns:
         ``[B, C, H, d]``; a query whose keys are all padded gets zeros.
+
+    Under autocast, ``q``, ``k`` and ``v`` are cast to autocast's lower-precision dtype
+    (as ``scaled_dot_product_attention`` is); accumulation stays in float32.
     """
+    q, k, v = _common.autocast_inputs(None, q, k, v)
     _validate(q, k, v, scale, key_padding_mask)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     return _prompt_attention_op(q, k, v, scale, key_padding_mask)
