@@ -20,11 +20,13 @@ Design (FlashAttention-style, specialised for ``C`` queries per head over ``L`` 
   whose keys are all padded has a zero sum, gets zeros and a log-sum-exp of ``+inf`` so
   that its recomputed probabilities (and every gradient through it) are exactly zero.
 
-Limits: head dim ``d`` up to ``MAX_HEAD_DIM`` (padded to a power of two >= 16 and
-masked, so odd sizes work). float32 matmuls run in IEEE float32 (no TF32), float16 and
-bfloat16 ones on tensor cores with float32 accumulation (probabilities are rounded to
-the input dtype before ``P @ V``, as in FlashAttention). The scale is passed as two
-float32 halves so float64 inputs keep a float64 scale.
+Limits: head dim ``d`` up to ``MAX_HEAD_DIM`` (``MAX_HEAD_DIM_FLOAT64`` for float64),
+padded to a power of two >= 16 and masked, so odd sizes work; block sizes shrink with
+``d`` and the element size so that shared memory fits sm_80 and sm_90. float32 matmuls
+run in IEEE float32 (no TF32), float16 and bfloat16 ones on tensor cores with float32
+accumulation (probabilities are rounded to the input dtype before ``P @ V``, as in
+FlashAttention). The scale is passed as two float32 halves so float64 inputs keep a
+float64 scale.
 """
 
 from __future__ import annotations
@@ -40,6 +42,12 @@ from mpfast.ops._common import new_output
 from ._utils import acc_dtype, acc_torch_dtype, device_reasons
 
 MAX_HEAD_DIM = 256
+# float64 tiles of a 256-wide head stay near 200 KiB of shared memory even at the smallest
+# blocks, beyond sm_80's 163 KiB.
+MAX_HEAD_DIM_FLOAT64 = 128
+# Bytes of one query or key tile; the kernels keep four to six of them in shared memory,
+# pipelined up to three deep.
+MAX_TILE_BYTES = 16 * 1024
 
 
 @triton.jit
@@ -284,11 +292,15 @@ _INTERPRETED = not isinstance(_prompt_attention_fwd_kernel, triton.runtime.JITFu
 
 
 def _launch_config(classes: int, keys: int, head_dim: int, dtype: torch.dtype) -> dict:
-    """Block sizes and warps keyed on shape and dtype (tl.dot needs blocks of at least 16)."""
+    """Block sizes and warps keyed on shape and dtype (tl.dot needs blocks of at least 16).
+
+    A ``[BLOCK_C or BLOCK_L, BLOCK_D]`` tile holds at most ``MAX_TILE_BYTES``, so that every
+    kernel's shared memory fits the smallest target's (sm_80: 163 KiB per program)."""
     block_d = max(16, triton.next_power_of_2(head_dim))
     wide = block_d > 64 or dtype == torch.float64
-    block_c = min(32 if wide else 64, max(16, triton.next_power_of_2(classes)))
-    block_l = min(32 if wide else 64, max(16, triton.next_power_of_2(keys)))
+    block = min(32 if wide else 64, max(16, MAX_TILE_BYTES // (block_d * dtype.itemsize)))
+    block_c = min(block, max(16, triton.next_power_of_2(classes)))
+    block_l = min(block, max(16, triton.next_power_of_2(keys)))
     return dict(BLOCK_C=block_c, BLOCK_L=block_l, BLOCK_D=block_d, num_warps=8 if block_d >= 128 else 4)
 
 
@@ -394,4 +406,6 @@ def prompt_attention_supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     reasons = device_reasons(q=q, k=k, v=v, key_padding_mask=key_padding_mask)
     if k.dim() == 4 and k.shape[-1] > MAX_HEAD_DIM:
         reasons.append(f"triton prompt_attention takes head dims up to {MAX_HEAD_DIM}, got d={k.shape[-1]}")
+    elif k.dim() == 4 and k.dtype == torch.float64 and k.shape[-1] > MAX_HEAD_DIM_FLOAT64:
+        reasons.append(f"triton prompt_attention takes float64 head dims up to {MAX_HEAD_DIM_FLOAT64}, got d={k.shape[-1]}")
     return reasons

@@ -108,6 +108,17 @@ def test_tiny_model_trains_the_same_as_reference(tiny_model_name, device, kernel
         assert kernel_launches.get(kernel, 0) >= 5, f"{kernel} ran {kernel_launches.get(kernel, 0)} times"
 
 
+def test_float64_attention_wider_than_128_is_refused(triton_backend):
+    """float64 tiles of a 256-wide head do not fit sm_80's shared memory at any block size."""
+    from mpfast.kernels.prompt_attention import prompt_attention_supports
+
+    q, kv = torch.randn(3, 2, 256, dtype=torch.float64), torch.randn(1, 4, 2, 256, dtype=torch.float64)
+    assert prompt_attention_supports(q, kv, kv, 0.1) == [
+        "triton prompt_attention takes float64 head dims up to 128, got d=256"]
+    assert prompt_attention_supports(q[..., :128], kv[..., :128], kv[..., :128], 0.1) == []
+    assert prompt_attention_supports(q.float(), kv.float(), kv.float(), 0.1) == []
+
+
 def _head(x, h, gate, q, k, v, mask):
     d = ops.temporal_diff(x, [1, 2])
     u, video, mu = ops.motion_mix(h, d, gate)
@@ -144,7 +155,8 @@ _POINTER_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: 
 
 def _recorded_launches() -> list[tuple[str, object, tuple, dict]]:
     """Every kernel the launchers use, at model-like sizes (attention with 400 shared class
-    queries over 24 masked keys, head dim 64), recorded instead of run:
+    queries over 24 masked keys, head dim 64) and, for attention, at the largest head dim
+    and key count the kernels take (the most shared memory), recorded instead of run:
     ``(dtype name, kernel, args, kwargs)``."""
     import importlib
 
@@ -176,6 +188,10 @@ def _recorded_launches() -> list[tuple[str, object, tuple, dict]]:
             q, kv, mask = t(400, 8, 64), t(4, 24, 8, 64), torch.zeros(4, 24, dtype=torch.bool)
             pa.prompt_attention_fwd(q, kv, kv, 0.125, mask)
             pa.prompt_attention_bwd(t(4, 400, 8, 64), q, kv, kv, 0.125, mask)
+            widest = pa.MAX_HEAD_DIM_FLOAT64 if dtype == torch.float64 else pa.MAX_HEAD_DIM
+            q, kv, mask = t(400, 8, widest), t(2, 256, 8, widest), torch.zeros(2, 256, dtype=torch.bool)
+            pa.prompt_attention_fwd(q, kv, kv, 0.125, mask)
+            pa.prompt_attention_bwd(t(2, 400, 8, widest), q, kv, kv, 0.125, mask)
             calls += [(str(dtype).removeprefix("torch."), *launch) for launch in launches[start:]]
     finally:
         for (module, name), kernel in originals.items():
@@ -221,6 +237,7 @@ def compile_report(targets: dict[int, tuple[str, ...]]) -> list[dict]:
                                       options=options)
             report.append({
                 "target": f"sm_{capability}", "kernel": kernel.fn.__name__, "dtype": dtype,
+                "block_d": constexprs.get("BLOCK_D"), "shared": compiled.metadata.shared,
                 "kwidth": sorted(set(re.findall(r"kWidth = (\d+)", compiled.asm["ttgir"]))),
                 "mma": sorted(set(re.findall(r"(?:wgmma\.mma_async|mma\.sync)[.\w]*", compiled.asm["ptx"]))),
                 "cubin_bytes": len(compiled.asm["cubin"]),
@@ -230,6 +247,8 @@ def compile_report(targets: dict[int, tuple[str, ...]]) -> list[dict]:
 
 # sm_90 (H100): every kernel; sm_80 (A100): the attention kernels, whose mma.sync lowering differs.
 COMPILE_TARGETS = {90: ("_",), 80: ("_prompt_attention",)}
+# Shared memory one program may use (CUDA's sharedMemPerBlockOptin): A100 and H100/H200.
+SHARED_MEMORY_LIMITS = {"sm_80": 166912, "sm_90": 232448}
 
 
 @pytest.mark.slow  # about a minute with a cold Triton cache (~/.triton/cache), seconds when warm
@@ -238,8 +257,9 @@ def test_kernels_compile_for_gpus(triton_backend):
 
     Catches what the interpreter cannot: type errors, unsupported constructs, compiler
     assertions, and dot operands whose layouts disagree (mixed ``kWidth`` within a kernel,
-    the symptom of an 8-bit tensor reaching the ``P @ V`` operand). It also checks that
-    16-bit attention uses tensor cores and that float32 attention does not use TF32.
+    the symptom of an 8-bit tensor reaching the ``P @ V`` operand), and shared memory beyond
+    what the target gives one program (a launch-time failure). It also checks that 16-bit
+    attention uses tensor cores and that float32 attention does not use TF32.
     """
     pytest.importorskip("triton.backends.nvidia", reason="Triton without its NVIDIA backend cannot compile for sm_xx")
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
@@ -249,11 +269,14 @@ def test_kernels_compile_for_gpus(triton_backend):
     assert result.returncode == 0, f"compilation failed:\n{result.stderr[-4000:]}"
     report = json.loads(result.stdout.strip().splitlines()[-1])
 
-    compiled = {(r["target"], r["kernel"], r["dtype"]) for r in report}
-    assert len(compiled) == 4 * (7 + 3) == len(report), sorted(compiled)
+    compiled = {(r["target"], r["kernel"], r["dtype"], r["block_d"]) for r in report}
+    # per dtype: sm_90 every kernel plus the widest attention, sm_80 both attention sizes
+    assert len(compiled) == 4 * (7 + 3 + 3 + 3) == len(report), sorted(compiled)
     for entry in report:
         where = f"{entry['target']} {entry['kernel']} {entry['dtype']}"
         assert entry["cubin_bytes"] > 0, where
+        assert entry["shared"] <= SHARED_MEMORY_LIMITS[entry["target"]], (
+            f"{where} BLOCK_D={entry['block_d']}: {entry['shared']} bytes of shared memory")
         assert len(entry["kwidth"]) <= 1, f"{where}: dot operands with mixed kWidth {entry['kwidth']}"
         if entry["kernel"].startswith("_prompt_attention"):
             mma = " ".join(entry["mma"])
