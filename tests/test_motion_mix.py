@@ -70,6 +70,22 @@ def test_zero_mean_gives_zero_embedding(backend, device):
         assert torch.isfinite(t.grad).all()
 
 
+def test_permuted_layouts(backend, device):
+    """Time-major ``h``, stride-major ``m`` and a transposed gate, viewed in the op's layout."""
+    leaves = [torch.randn(4, 3, 19, dtype=torch.float64, device=device, requires_grad=True),
+              torch.randn(3, 4, 2, 19, dtype=torch.float64, device=device, requires_grad=True),
+              torch.randn(19, 2, dtype=torch.float64, device=device, requires_grad=True)]
+    grads = [torch.randn(3, 4, 19, dtype=torch.float64, device=device), torch.randn(3, 19, dtype=torch.float64,
+             device=device), torch.randn(3, 19, dtype=torch.float64, device=device)]
+    results = []
+    for fn in (motion_mix, motion_mix_ref):
+        h, m, gate = leaves[0].transpose(0, 1), leaves[1].transpose(1, 2), leaves[2].t()
+        outs = fn(h, m, gate)
+        results.append((*outs, *torch.autograd.grad(outs, leaves, grads)))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
+
+
 def test_expanded_grads(backend, device):
     """``.sum()`` of each output sends back stride-0 (expanded) gradients."""
     args = [a.to(device).requires_grad_() for a in inputs(3, 2, 4, 9)]

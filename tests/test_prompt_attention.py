@@ -20,12 +20,15 @@ CASES = [
     (2, 4, 5, 1, 128, True, "all_first"),
     (2, 70, 40, 2, 64, True, "some"),
     (2, 20, 100, 2, 24, True, "some"),  # several key blocks; grad of shared queries sums over B
+    (1, 9, 100, 1, 16, False, "leading"),  # the first key blocks fully padded, later ones not
 ]
 
 
 def make_mask(kind, batch, keys):
     if kind is None:
         return None
+    if kind == "leading":
+        return torch.arange(keys).expand(batch, keys) < 64
     mask = torch.rand(batch, keys) < 0.4
     mask[:, 0] = False
     if kind == "all_first":
@@ -93,6 +96,24 @@ def test_matches_reference(backend, device, case, dtype):
 def test_noncontiguous(backend, device, case):
     compare_with_reference(prompt_attention, prompt_attention_ref, inputs(*case), torch.float32, device,
                            make_noncontiguous=True)
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_head_major_layouts(backend, device, shared):
+    """Queries, keys and values stored head-major (``[B,H,L,d]``) and viewed as ``[B,L,H,d]``."""
+    q_store = (2, 21, 5) if shared else (3, 2, 21, 5)
+    leaves = [torch.randn(q_store, dtype=torch.float64, device=device, requires_grad=True),
+              torch.randn(3, 2, 7, 5, dtype=torch.float64, device=device, requires_grad=True),
+              torch.randn(3, 2, 7, 5, dtype=torch.float64, device=device, requires_grad=True)]
+    mask = (torch.rand(3, 7) < 0.4).to(device)
+    grad = torch.randn(3, 21, 2, 5, dtype=torch.float64, device=device)
+    results = []
+    for fn in (prompt_attention, prompt_attention_ref):
+        q, k, v = (t.transpose(-3, -2) for t in leaves)
+        out = fn(q, k, v, 0.6, mask)
+        results.append((out, *torch.autograd.grad(out, leaves, grad)))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
 
 
 def test_broadcast_keys_and_custom_scale(backend, device):

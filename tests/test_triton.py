@@ -108,6 +108,45 @@ def test_tiny_model_trains_the_same_as_reference(tiny_model_name, device, kernel
         assert kernel_launches.get(kernel, 0) >= 5, f"{kernel} ran {kernel_launches.get(kernel, 0)} times"
 
 
+def test_strided_inputs_reach_the_kernels_uncopied(monkeypatch, device, triton_backend):
+    """Permuted, sliced and stride-0 inputs are handed to the forward kernels with their
+    strides: the kernels read the caller's memory, nothing copies it first."""
+    import importlib
+
+    pointers = set()
+
+    class Recording:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                pointers.update(a.data_ptr() for a in args if isinstance(a, torch.Tensor))
+                return self.kernel[grid](*args, **kwargs)
+
+            return launch
+
+    for module_name in KERNEL_MODULES:
+        module = importlib.import_module(f"mpfast.kernels.{module_name}")
+        for name in [n for n in vars(module) if n.endswith("_fwd_kernel")]:
+            monkeypatch.setattr(module, name, Recording(getattr(module, name)))
+
+    x = torch.randn(5, 2, 6, 8, device=device).transpose(0, 1)[..., ::2]  # [B,T,6,4], frame stride > batch stride
+    h = torch.randn(4, 2, 16, device=device).transpose(0, 1)  # time-major
+    m = torch.randn(2, 4, 3, 16, device=device).transpose(1, 2)  # [B,T,S,D] storage
+    gate = torch.randn(16, 3, device=device).t()
+    q = torch.randn(2, 9, 8, device=device).transpose(0, 1)  # shared queries, head-major
+    k = torch.randn(2, 2, 5, 8, device=device).transpose(1, 2)  # [B,H,L,d] storage
+    v = torch.randn(1, 5, 2, 8, device=device).expand(2, 5, 2, 8)  # values shared by the batch
+    with ops.backend("triton"):
+        ops.temporal_diff(x, [1, 2])
+        ops.motion_mix(h, m, gate)
+        ops.prompt_attention(q, k, v)
+    for name, t in dict(x=x, h=h, m=m, gate=gate, q=q, k=k, v=v).items():
+        assert not t.is_contiguous(), name
+        assert t.data_ptr() in pointers, f"{name} was copied before reaching its kernel"
+
+
 def test_float64_attention_wider_than_128_is_refused(triton_backend):
     """float64 tiles of a 256-wide head do not fit sm_80's shared memory at any block size."""
     from mpfast.kernels.prompt_attention import prompt_attention_supports
