@@ -55,7 +55,8 @@ def _temporal_diff_fwd_kernel(
         valid = t + k < T
         x_next = tl.load(x_row + (t + k) * stride_xt, mask=in_range & valid, other=0.0).to(ACC)
         diff = tl.where(valid, x_next - x_t, 0.0)
-        tl.store(out_row + s * stride_os, diff.to(out_ptr.dtype.element_ty), mask=in_range)
+        tl.store(out_row, diff.to(out_ptr.dtype.element_ty), mask=in_range)
+        out_row += stride_os  # a pointer step, never s * stride in 32 bits
 
 
 @triton.jit
@@ -82,9 +83,10 @@ def _temporal_diff_bwd_kernel(
         # x[b, t] is the minuend of out[b, s, t - k] and the subtrahend of out[b, s, t].
         as_next = t >= k
         as_prev = t + k < T
-        g_next = tl.load(grad_row + s * stride_gs + (t - k) * stride_gt, mask=in_range & as_next, other=0.0)
-        g_prev = tl.load(grad_row + s * stride_gs + t * stride_gt, mask=in_range & as_prev, other=0.0)
+        g_next = tl.load(grad_row + (t - k) * stride_gt, mask=in_range & as_next, other=0.0)
+        g_prev = tl.load(grad_row + t * stride_gt, mask=in_range & as_prev, other=0.0)
         total += g_next.to(ACC) - g_prev.to(ACC)
+        grad_row += stride_gs  # a pointer step, never s * stride in 32 bits
     tl.store(grad_x_ptr + b * stride_xb + t * stride_xt + offs * stride_xf,
              total.to(grad_x_ptr.dtype.element_ty), mask=in_range)
 
