@@ -1,11 +1,13 @@
 // motion_mix on CPU: u = h + sum_s tanh(gate_s) * m_s, v = normalize(mean_t u),
 // mu = mean_{s,t} m, and its backward (formulas of motion_mix_backward_ref).
 //
-// tanh(gate) is computed once per call. Forward: one work item is (batch, chunk of D);
-// it streams over frames and strides once, writing u and accumulating the temporal
-// and motion sums; the L2 norm of each video then needs a second, cheap pass over
-// [B, D]. Backward: the pooled embedding is recomputed from h and m (one read), then
-// one item per chunk of D runs over every video and frame, so grad_gate (a sum over
+// tanh(gate) is computed once per call. Forward: one work item is a video (or, when the
+// batch is too small to keep every thread busy, a chunk of its features); it reads h and
+// m once, in tiles of features whose sum of u over frames and sum of m stay in vector
+// registers, writes u and mu, and L2-normalises the pooled sum in the same item (a
+// video split into chunks is normalised in a second, cheap pass over [B, D]).
+// Backward: the pooled embedding is recomputed from h and m (one read), then one item
+// per chunk of D runs over every video and frame, so grad_gate (a sum over
 // the batch) is reduced without atomics and the result does not depend on threads.
 // Everything accumulates in float32 (float64 for float64 inputs).
 #include "cpu_utils.h"
@@ -54,36 +56,66 @@ std::vector<acc_t<T>> tanh_gate(const at::TensorBase& gate) {
   return a;
 }
 
-// acc[i] (=|+=) x[i * stride]
-template <typename T, bool kUnit>
-MPFAST_CLONES void load_row(acc_t<T>* __restrict acc, const T* __restrict x, int64_t n, int64_t stride) {
-  for (int64_t i = 0; i < n; ++i) acc[i] = static_cast<acc_t<T>>(x[kUnit ? i : i * stride]);
-}
+// Features per register tile: four 64-byte vectors of the compute type (the three
+// accumulators of mix_tile fill 12 of the 32 AVX-512 registers).
+template <typename A>
+constexpr int64_t kTile = 256 / sizeof(A);
 
-// u += a * m; msum += m
-template <typename T, bool kUnit>
-MPFAST_CLONES void mix_row(acc_t<T>* __restrict u, acc_t<T>* __restrict msum, const acc_t<T>* __restrict a,
-                           const T* __restrict m, int64_t n, int64_t stride) {
-  for (int64_t i = 0; i < n; ++i) {
-    const acc_t<T> mv = static_cast<acc_t<T>>(m[kUnit ? i : i * stride]);
-    u[i] += a[i] * mv;
-    msum[i] += mv;
+// One tile of n <= kTile features of one video, every frame: u[t] = h[t] + sum_s a_s m_s[t],
+// with the sums over frames of u (pool) and of m (msum) held in registers, then stored.
+// kFull: n == kTile (the loops have a constant trip count and stay in vector registers).
+template <typename T, bool kUnit, bool kFull>
+MPFAST_CLONES void mix_tile(const T* __restrict h, int64_t hst, int64_t hsd, const T* __restrict m, int64_t mss,
+                            int64_t mst, int64_t msd, const acc_t<T>* __restrict a, int64_t ads, T* __restrict u,
+                            int64_t ust, acc_t<T>* __restrict pool_out, acc_t<T>* __restrict msum_out,
+                            int64_t frames, int64_t streams, int64_t n) {
+  using A = acc_t<T>;
+  constexpr int64_t W = kTile<A>;
+  const int64_t len = kFull ? W : n;
+  A pool[W] = {}, msum[W] = {};
+  for (int64_t t = 0; t < frames; ++t) {
+    A acc[W];
+    const T* hr = h + t * hst;
+    for (int64_t j = 0; j < len; ++j) acc[j] = static_cast<A>(hr[kUnit ? j : j * hsd]);
+    for (int64_t s = 0; s < streams; ++s) {
+      const T* mr = m + s * mss + t * mst;
+      const A* as = a + s * ads;
+      for (int64_t j = 0; j < len; ++j) {
+        const A mv = static_cast<A>(mr[kUnit ? j : j * msd]);
+        acc[j] += as[j] * mv;
+        msum[j] += mv;
+      }
+    }
+    T* ur = u + t * ust;
+    for (int64_t j = 0; j < len; ++j) {
+      ur[j] = static_cast<T>(acc[j]);
+      pool[j] += acc[j];
+    }
+  }
+  for (int64_t j = 0; j < len; ++j) {
+    pool_out[j] = pool[j];
+    msum_out[j] = msum[j];
   }
 }
 
-// out = u; pooled += u
+// v = pool / max(|pool|, eps) after pool *= inv_t, for one video.
 template <typename T>
-MPFAST_CLONES void store_sum_row(T* __restrict out, acc_t<T>* __restrict pooled, const acc_t<T>* __restrict u, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) {
-    out[i] = static_cast<T>(u[i]);
-    pooled[i] += u[i];
+void normalize_row(acc_t<T>* pool, T* v, int64_t dim, acc_t<T> inv_t) {
+  using A = acc_t<T>;
+  A sq = 0;
+  for (int64_t d = 0; d < dim; ++d) {
+    pool[d] *= inv_t;
+    sq += pool[d] * pool[d];
   }
+  const A scale = A(1) / std::max(std::sqrt(sq), static_cast<A>(kEps));
+  for (int64_t d = 0; d < dim; ++d) v[d] = static_cast<T>(pool[d] * scale);
 }
 
 template <typename T, bool kUnit>
 void forward_impl(const at::TensorBase& h, const at::TensorBase& m, const at::TensorBase& gate,
                   const at::TensorBase& u, const at::TensorBase& v, const at::TensorBase& mu) {
   using A = acc_t<T>;
+  constexpr int64_t W = kTile<A>;
   const int64_t batch = h.size(0), frames = h.size(1), dim = h.size(2), streams = m.size(1);
   const std::vector<A> a = tanh_gate<T>(gate);
   const View3<T> hv(h);
@@ -91,44 +123,34 @@ void forward_impl(const at::TensorBase& h, const at::TensorBase& m, const at::Te
   T* up = u.mutable_data_ptr<T>();
   T* vp = v.mutable_data_ptr<T>();
   T* mup = mu.mutable_data_ptr<T>();
-  std::vector<A> pooled(batch * dim);
-  const int64_t chunk = chunk_for(dim, 1);
+  const A inv_t = A(1) / static_cast<A>(frames);
+  const A inv_st = A(1) / static_cast<A>(streams * frames);
+  // Items: (video, chunk of D); a video is split only when the batch is too small to share.
+  const int64_t min_chunks = ceil_div(4 * at::get_num_threads(), batch);
+  const int64_t chunk = std::clamp<int64_t>(ceil_div(ceil_div(dim, min_chunks), W) * W, W, std::max<int64_t>(dim, W));
   const int64_t chunks = ceil_div(dim, chunk);
+  std::vector<A> pooled(batch * dim);
   at::parallel_for(0, batch * chunks, grain_for(frames * (streams + 1) * std::min(chunk, dim)),
                    [&](int64_t begin, int64_t end) {
-    std::vector<A> buf(3 * chunk);
-    A* acc = buf.data();
-    A* msum = acc + chunk;
+    A msum[W];
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / chunks;
-      const int64_t d0 = (item % chunks) * chunk;
-      const int64_t n = std::min(chunk, dim - d0);
-      A* pool = pooled.data() + b * dim + d0;
-      std::fill(pool, pool + n, A(0));
-      std::fill(msum, msum + n, A(0));
-      for (int64_t t = 0; t < frames; ++t) {
-        load_row<T, kUnit>(acc, hv.row(b, t) + d0 * hv.sd, n, hv.sd);
-        for (int64_t s = 0; s < streams; ++s)
-          mix_row<T, kUnit>(acc, msum, a.data() + s * dim + d0, mv.row(b, s, t) + d0 * mv.sd, n, mv.sd);
-        store_sum_row<T>(up + (b * frames + t) * dim + d0, pool, acc, n);
+      const int64_t d_end = std::min(dim, (item % chunks + 1) * chunk);
+      for (int64_t d0 = (item % chunks) * chunk; d0 < d_end; d0 += W) {
+        const int64_t n = std::min(W, d_end - d0);
+        auto tile = n == W ? mix_tile<T, kUnit, true> : mix_tile<T, kUnit, false>;
+        tile(hv.row(b, 0) + d0 * hv.sd, hv.st, hv.sd, mv.row(b, 0, 0) + d0 * mv.sd, mv.ss, mv.st, mv.sd, a.data() + d0,
+             dim, up + b * frames * dim + d0, dim, pooled.data() + b * dim + d0, msum, frames, streams, n);
+        for (int64_t i = 0; i < n; ++i) mup[b * dim + d0 + i] = static_cast<T>(msum[i] * inv_st);
       }
-      const A inv = A(1) / static_cast<A>(streams * frames);
-      for (int64_t i = 0; i < n; ++i) mup[b * dim + d0 + i] = static_cast<T>(msum[i] * inv);
+      if (chunks == 1) normalize_row<T>(pooled.data() + b * dim, vp + b * dim, dim, inv_t);
     }
   });
-  at::parallel_for(0, batch, grain_for(dim), [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b) {
-      A* pool = pooled.data() + b * dim;
-      const A inv_t = A(1) / static_cast<A>(frames);
-      A sq = 0;
-      for (int64_t d = 0; d < dim; ++d) {
-        pool[d] *= inv_t;
-        sq += pool[d] * pool[d];
-      }
-      const A scale = A(1) / std::max(std::sqrt(sq), static_cast<A>(kEps));
-      for (int64_t d = 0; d < dim; ++d) vp[b * dim + d] = static_cast<T>(pool[d] * scale);
-    }
-  });
+  if (chunks > 1) {
+    at::parallel_for(0, batch, grain_for(dim), [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b) normalize_row<T>(pooled.data() + b * dim, vp + b * dim, dim, inv_t);
+    });
+  }
 }
 
 // acc += x

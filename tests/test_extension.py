@@ -1,7 +1,8 @@
 """The compiled backends (csrc/): argument checks in C++, build metadata, ``mpfast build``, CUDA compile.
 
 Values and gradients of the ``cpp`` backend are tested by the op suites
-(tests/test_<op>.py run every backend); here the raw operators are called directly.
+(tests/test_<op>.py run every backend); here the raw operators are called directly, and
+inputs whose feature strides differ from each other are checked against the reference.
 """
 
 from __future__ import annotations
@@ -19,7 +20,16 @@ import torch
 
 import mpfast
 from mpfast import cli
-from mpfast.ops import BackendUnavailableError, _common, extension, temporal_diff_ref
+from mpfast.ops import (
+    BackendUnavailableError,
+    _common,
+    extension,
+    motion_mix,
+    motion_mix_ref,
+    prompt_attention,
+    prompt_attention_ref,
+    temporal_diff_ref,
+)
 from mpfast.ops._registry import Backend
 
 from .conftest import required_backends
@@ -165,6 +175,47 @@ def test_expanded_gradient(ops):
         (grad,) = torch.autograd.grad(mpfast.ops.temporal_diff(x, [1, 2]).sum(), x)
     (want,) = torch.autograd.grad(temporal_diff_ref(x, [1, 2]).sum(), x)
     torch.testing.assert_close(grad, want)
+
+
+def _strided(shape, step, requires_grad=True):
+    """A float64 tensor of ``shape`` whose last dimension has stride ``step``."""
+    t = torch.randn(*shape[:-1], shape[-1] * step, dtype=torch.float64)[..., ::step]
+    return t.requires_grad_(requires_grad)
+
+
+def _check_against_reference(op, ref, args, grads):
+    leaves = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
+    results = []
+    for fn, backend in ((op, "cpp"), (ref, None)):
+        with mpfast.ops.backend(backend or "reference"):
+            outs = fn(*args)
+        outs = outs if isinstance(outs, tuple) else (outs,)
+        results.append([o.detach() for o in outs] + list(torch.autograd.grad(outs, leaves, grads)))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("steps", [(1, 2, 3, 2), (3, 1, 2, 1), (2, 3, 1, 3)], ids=str)
+def test_motion_mix_inputs_with_different_feature_strides(ops, steps):
+    """h, m, gate and grad_u each with its own element stride (unit and non-unit mixed)."""
+    b, s, t, d = 3, 2, 5, 70
+    h, m, gate = _strided((b, t, d), steps[0]), _strided((b, s, t, d), steps[1]), _strided((s, d), steps[2])
+    grads = [_strided((b, t, d), steps[3], False), _strided((b, d), 2, False), torch.randn(b, d, dtype=torch.float64)]
+    _check_against_reference(motion_mix, motion_mix_ref, (h, m, gate), grads)
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["shared-q", "per-video-q"])
+@pytest.mark.parametrize("steps", [(1, 2, 3, 1), (2, 1, 1, 3)], ids=str)
+def test_prompt_attention_inputs_with_different_feature_strides(ops, shared, steps):
+    """q, k, v and grad_out each with its own element stride, over the dot-product and matmul paths."""
+    b, l, h, d = 2, 7, 2, 20
+    for c in (3, 40):
+        q = _strided(((c,) if shared else (b, c)) + (h, d), steps[0])
+        k, v = _strided((b, l, h, d), steps[1]), _strided((b, l, h, d), steps[2])
+        mask = torch.zeros(l, b, dtype=torch.bool).t()
+        mask[0, 2] = mask[1, 0] = True
+        grads = [_strided((b, c, h, d), steps[3], False)]
+        _check_against_reference(prompt_attention, prompt_attention_ref, (q, k, v, 0.3, mask), grads)
 
 
 def test_metadata_beside_library(ops):
