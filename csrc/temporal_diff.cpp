@@ -90,7 +90,7 @@ void forward_impl(const at::TensorBase& x, c10::IntArrayRef strides, const at::T
         const int64_t k = ks[s];
         for (int64_t t = 0; t < frames; ++t) {
           T* o = orow + (s * frames + t) * features;
-          if (t + k < frames) {
+          if (k < frames - t) {  // t + k < frames, without overflow for huge k
             diff_row<T, kUnit>(o, xrow + (t + k) * st, xrow + t * st, n, rows.inner_stride);
           } else {
             std::fill(o, o + n, T(0));
@@ -129,7 +129,7 @@ void backward_impl(const at::TensorBase& grad, c10::IntArrayRef strides, const a
         for (int64_t s = 0; s < num_strides; ++s) {
           const int64_t k = ks[s];
           if (t >= k) add_row<T, kUnit>(acc.data(), grow + s * ss + (t - k) * st, n, rows.inner_stride, true);
-          if (t + k < frames) add_row<T, kUnit>(acc.data(), grow + s * ss + t * st, n, rows.inner_stride, false);
+          if (k < frames - t) add_row<T, kUnit>(acc.data(), grow + s * ss + t * st, n, rows.inner_stride, false);
         }
         store_row<T>(orow + t * features, acc.data(), n);
       }

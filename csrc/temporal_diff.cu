@@ -33,7 +33,7 @@ __global__ void temporal_diff_fwd_kernel(const T* __restrict__ x, T* __restrict_
     const int64_t t = bt % frames;
     const int64_t b = bt / frames;
     T result = T(0);
-    if (t + k < frames) {
+    if (k < frames - t) {  // t + k < frames, without overflow for huge k
       const T* base = x + b * sb + feat.offset(f);
       result = static_cast<T>(static_cast<A>(base[(t + k) * st]) - static_cast<A>(base[t * st]));
     }
@@ -58,7 +58,7 @@ __global__ void temporal_diff_bwd_kernel(const T* __restrict__ grad, T* __restri
       const int64_t k = ks.k[j];
       const T* g = base + (ks.first_s + j) * ss;
       if (t >= k) acc += static_cast<A>(g[(t - k) * st]);
-      if (t + k < frames) acc -= static_cast<A>(g[t * st]);
+      if (k < frames - t) acc -= static_cast<A>(g[t * st]);
     }
     grad_x[i] = static_cast<T>(acc);
   }

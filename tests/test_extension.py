@@ -195,6 +195,13 @@ def _check_against_reference(op, ref, args, grads):
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
 
 
+def test_temporal_diff_strides_near_int64_max(ops):
+    """A stride past the last frame gives zeros, however large (t + k must not overflow)."""
+    x = _strided((2, 5, 3), 2)
+    grads = [torch.randn(2, 3, 5, 3, dtype=torch.float64)]
+    _check_against_reference(mpfast.ops.temporal_diff, temporal_diff_ref, (x, [2, 2**63 - 1, 2**40]), grads)
+
+
 @pytest.mark.parametrize("steps", [(1, 2, 3, 2), (3, 1, 2, 1), (2, 3, 1, 3)], ids=str)
 def test_motion_mix_inputs_with_different_feature_strides(ops, steps):
     """h, m, gate and grad_u each with its own element stride (unit and non-unit mixed)."""
