@@ -9,8 +9,11 @@
 // constraint, before any memory is touched.
 #include <torch/library.h>
 
+#include <cstdint>
+#include <initializer_list>
 #include <sstream>
 #include <string>
+#include <utility>
 
 #include "mpfast.h"
 
@@ -79,6 +82,39 @@ void check_output(const char* op, const char* name, const Tensor& out, c10::IntA
                     " must be contiguous");
 }
 
+using Named = std::pair<const char*, const Tensor*>;
+
+// First and one-past-last address a (non-empty) strided tensor can touch.
+std::pair<uintptr_t, uintptr_t> byte_range(const Tensor& t) {
+  int64_t last = 0;
+  for (int64_t i = 0; i < t.dim(); ++i) last += (t.size(i) - 1) * t.stride(i);
+  const auto first = reinterpret_cast<uintptr_t>(t.const_data_ptr());
+  return {first, first + static_cast<uintptr_t>((last + 1) * t.element_size())};
+}
+
+bool may_overlap(const Tensor& a, const Tensor& b) {
+  if (!a.defined() || !b.defined() || a.numel() == 0 || b.numel() == 0) return false;
+  if (!a.storage().is_alias_of(b.storage())) return false;
+  const auto [a0, a1] = byte_range(a);
+  const auto [b0, b1] = byte_range(b);
+  return a0 < b1 && b0 < a1;
+}
+
+// The kernels read every input while writing the outputs: no output may share memory
+// with an input or another output (checked on address ranges, so conservatively).
+void check_disjoint(const char* op, std::initializer_list<Named> outputs, std::initializer_list<Named> inputs) {
+  for (auto out = outputs.begin(); out != outputs.end(); ++out) {
+    for (const auto& [name, t] : inputs) {
+      TORCH_CHECK_VALUE(!may_overlap(*out->second, *t), op, ": output ", out->first,
+                        " must not share memory with input ", name);
+    }
+    for (auto other = outputs.begin(); other != out; ++other) {
+      TORCH_CHECK_VALUE(!may_overlap(*out->second, *other->second), op, ": output ", out->first,
+                        " must not share memory with output ", other->first);
+    }
+  }
+}
+
 void check_strides(const char* op, c10::IntArrayRef strides) {
   TORCH_CHECK_VALUE(!strides.empty(), op, ": strides must be a non-empty list of ints");
   for (size_t i = 0; i < strides.size(); ++i) {
@@ -106,6 +142,7 @@ void temporal_diff_fwd(const Tensor& x, c10::IntArrayRef strides, const Tensor& 
   std::vector<int64_t> shape{x.size(0), static_cast<int64_t>(strides.size())};
   shape.insert(shape.end(), x.sizes().begin() + 1, x.sizes().end());
   check_output(op, "out", out, shape, x);
+  check_disjoint(op, {{"out", &out}}, {{"x", &x}});
   MPFAST_DEVICE_GUARD(x);
   MPFAST_IMPL(temporal_diff_fwd)(feature_layout(x, 2), strides, out);
 }
@@ -121,6 +158,7 @@ void temporal_diff_bwd(const Tensor& grad, c10::IntArrayRef strides, const Tenso
   std::vector<int64_t> shape{grad.size(0)};
   shape.insert(shape.end(), grad.sizes().begin() + 2, grad.sizes().end());
   check_output(op, "grad_x", grad_x, shape, grad);
+  check_disjoint(op, {{"grad_x", &grad_x}}, {{"grad", &grad}});
   MPFAST_DEVICE_GUARD(grad);
   MPFAST_IMPL(temporal_diff_bwd)(feature_layout(grad, 3), strides, grad_x);
 }
@@ -149,6 +187,7 @@ void motion_mix_fwd(const Tensor& h, const Tensor& m, const Tensor& gate, const 
   check_output(op, "u", u, h.sizes(), h);
   check_output(op, "v", v, {h.size(0), h.size(2)}, h);
   check_output(op, "mu", mu, {h.size(0), h.size(2)}, h);
+  check_disjoint(op, {{"u", &u}, {"v", &v}, {"mu", &mu}}, {{"h", &h}, {"m", &m}, {"gate", &gate}});
   MPFAST_DEVICE_GUARD(h);
   MPFAST_IMPL(motion_mix_fwd)(h, m, gate, u, v, mu);
 }
@@ -174,6 +213,8 @@ void motion_mix_bwd(const Tensor& grad_u, const Tensor& grad_v, const Tensor& gr
   check_output(op, "grad_h", grad_h, h.sizes(), h);
   check_output(op, "grad_m", grad_m, m.sizes(), h);
   check_output(op, "grad_gate", grad_gate, gate.sizes(), h);
+  check_disjoint(op, {{"grad_h", &grad_h}, {"grad_m", &grad_m}, {"grad_gate", &grad_gate}},
+                 {{"grad_u", &grad_u}, {"grad_v", &grad_v}, {"grad_mu", &grad_mu}, {"h", &h}, {"m", &m}, {"gate", &gate}});
   MPFAST_DEVICE_GUARD(h);
   MPFAST_IMPL(motion_mix_bwd)(grad_u, grad_v, grad_mu, h, m, gate, grad_h, grad_m, grad_gate);
 }
@@ -217,6 +258,8 @@ void prompt_attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v, dou
   const char* op = MPFAST_STR(MPFAST_NS) ".prompt_attention_fwd";
   check_attention_inputs(op, q, k, v, scale, key_padding_mask);
   check_output(op, "out", out, {k.size(0), q.size(-3), k.size(2), k.size(3)}, q);
+  const Tensor mask = key_padding_mask.value_or(Tensor());
+  check_disjoint(op, {{"out", &out}}, {{"q", &q}, {"k", &k}, {"v", &v}, {"key_padding_mask", &mask}});
   MPFAST_DEVICE_GUARD(q);
   MPFAST_IMPL(prompt_attention_fwd)(q, k, v, scale, mask_ptr(key_padding_mask), out);
 }
@@ -235,6 +278,9 @@ void prompt_attention_bwd(const Tensor& grad_out, const Tensor& q, const Tensor&
   check_output(op, "grad_q", grad_q, q.sizes(), q);
   check_output(op, "grad_k", grad_k, k.sizes(), q);
   check_output(op, "grad_v", grad_v, v.sizes(), q);
+  const Tensor mask = key_padding_mask.value_or(Tensor());
+  check_disjoint(op, {{"grad_q", &grad_q}, {"grad_k", &grad_k}, {"grad_v", &grad_v}},
+                 {{"grad_out", &grad_out}, {"q", &q}, {"k", &k}, {"v", &v}, {"key_padding_mask", &mask}});
   MPFAST_DEVICE_GUARD(q);
   MPFAST_IMPL(prompt_attention_bwd)(grad_out, q, k, v, scale, mask_ptr(key_padding_mask), grad_q, grad_k, grad_v);
 }

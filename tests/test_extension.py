@@ -145,6 +145,22 @@ BAD_INPUTS = [
     ("prompt_attention_bwd", lambda: _pa_bwd(grads=[torch.empty(3, 5, 2, 4), torch.empty(3, 6, 2, 4),
                                                      torch.empty(3, 6, 2, 4)]), ValueError,
      r"grad_q must have shape \[5, 2, 4\]"),
+    ("temporal_diff_fwd", lambda: (lambda out: _td(x=out[:, 0], out=out))(torch.empty(2, 2, 4, 3)), ValueError,
+     "output out must not share memory with input x"),
+    ("temporal_diff_bwd", lambda: (lambda g: (g, [1, 2], g.view(-1)[:40].view(2, 4, 5)))(torch.randn(2, 2, 4, 5)),
+     ValueError,
+     "output grad_x must not share memory with input grad"),
+    ("motion_mix_fwd", lambda: (lambda h, m, gate: (h, m, gate, h, *_mm_out(h, m, gate)[1:]))(*_mm()), ValueError,
+     "output u must not share memory with input h"),
+    ("motion_mix_fwd", lambda: (lambda v: (*_mm(), torch.empty(2, 3, 4), v, v))(torch.empty(2, 4)), ValueError,
+     "output mu must not share memory with output v"),
+    ("motion_mix_bwd", lambda: (lambda gu: (gu, torch.randn(2, 4), torch.randn(2, 4), *_mm(), gu, torch.empty(2, 2, 3, 4),
+                                            torch.empty(2, 4)))(torch.randn(2, 3, 4)), ValueError,
+     "output grad_h must not share memory with input grad_u"),
+    ("prompt_attention_fwd", lambda: (lambda out: _pa(q=out[1], out=out))(torch.randn(3, 5, 2, 4)), ValueError,
+     "output out must not share memory with input q"),
+    ("prompt_attention_bwd", lambda: (lambda args: (*args[:8], args[3]))(_pa_bwd()), ValueError,
+     "output grad_v must not share memory with input v"),
 ]
 
 
@@ -152,6 +168,14 @@ BAD_INPUTS = [
 def test_bad_input_raises(ops, name, make_args, error, match):
     with pytest.raises(error, match=match):
         getattr(ops, name)(*make_args())
+
+
+def test_disjoint_parts_of_one_buffer_are_accepted(ops):
+    """Inputs and outputs may live in one storage when their memory does not overlap."""
+    buf = torch.randn(2 * 4 * 3 + 2 * 2 * 4 * 3)
+    x, out = buf[:24].view(2, 4, 3), buf[24:].view(2, 2, 4, 3)
+    ops.temporal_diff_fwd(x, [1, 2], out)
+    torch.testing.assert_close(out, temporal_diff_ref(x, [1, 2]), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("name", ["temporal_diff_fwd", "motion_mix_fwd", "prompt_attention_fwd"])
