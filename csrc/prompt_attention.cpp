@@ -14,6 +14,7 @@
 #include "cpu_utils.h"
 #include "mpfast.h"
 
+#include <bit>
 #include <limits>
 #include <type_traits>
 
@@ -141,7 +142,7 @@ MPFAST_INLINE Vec<float>::type exp_vec(Vec<float>::type x) {
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
   const I bits = (__builtin_convertvector(n, I) + 127) << 23;
-  const V y = p * reinterpret_cast<const V&>(bits);
+  const V y = p * std::bit_cast<V>(bits);  // 2^n (a pointer cast would break strict aliasing)
   return x != x ? x : y;
 }
 
