@@ -18,10 +18,25 @@ Nothing probes the GPU or downloads anything. Each library gets its build metada
 another torch.
 """
 
+import importlib
 import os
 import sys
+import types
 
 from setuptools import setup
+
+
+def _extension_module(here):
+    """mpfast/ops/extension.py, imported without running the package's __init__ files.
+
+    ``import mpfast`` needs the runtime dependencies (open_clip, ...), which pip may not
+    have installed yet when it builds; extension.py itself needs only torch.
+    """
+    for name in ("mpfast", "mpfast.ops"):
+        package = types.ModuleType(name)
+        package.__path__ = [os.path.join(here, *name.split("."))]
+        sys.modules[name] = package
+    return importlib.import_module("mpfast.ops.extension")
 
 
 def _extensions():
@@ -35,8 +50,7 @@ def _extensions():
         sys.exit("MPFAST_BUILD_EXT=1 needs torch installed first and pip's --no-build-isolation")
 
     here = os.path.dirname(os.path.abspath(__file__))
-    sys.path.insert(0, here)
-    from mpfast.ops import extension  # the same sources, flags and metadata as on-demand builds
+    extension = _extension_module(here)  # the same sources, flags and metadata as on-demand builds
 
     want_cuda = os.environ.get("MPFAST_BUILD_CUDA", "auto").strip().lower()
     cuda_home = extension.cuda_home()
