@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -305,6 +306,21 @@ def test_build_command_prints_where(ops, capsys):
     printed = capsys.readouterr().out
     library = extension.load("cpp")
     assert f"cpp: {library}" in printed and str(extension.metadata_path(library)) in printed
+
+
+def test_setup_build_needs_only_torch():
+    """MPFAST_BUILD_EXT=1: setup.py lists the extension without importing mpfast (whose open_clip may be missing)."""
+    script = (
+        "import runpy, sys, setuptools\n"
+        "sys.modules['open_clip'] = None\n"
+        "setuptools.setup = lambda **kw: print([e.name for e in kw['ext_modules']], sorted(kw['cmdclass']))\n"
+        "runpy.run_path('setup.py', run_name='__main__')\n"
+    )
+    env = {**os.environ, "MPFAST_BUILD_EXT": "1", "MPFAST_BUILD_CUDA": "0"}
+    result = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).resolve().parent.parent, env=env,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1] == "['mpfast._ext.mpfast_cpp'] ['build_ext']"
 
 
 def test_cuda_arch_flags(monkeypatch):
