@@ -2,11 +2,11 @@
 //
 // Forward: one thread per (video, feature) walks the frames and strides, writing u
 // (coalesced over the feature dimension) and accumulating the temporal and motion
-// sums; one block per video then L2-normalises the pooled sum. Backward: the pooled
-// embedding is recomputed per (video, feature), one block per video forms the gradient
-// of the normalisation, one thread per (video, feature) writes grad_h and grad_m and
-// per-video partial sums of the gate gradient, which a last kernel reduces over the
-// batch in a fixed order (deterministic, no atomics). Accumulation in float32 (float64
+// sums; one block per video (a grid-stride loop past 2^20 videos) then L2-normalises
+// the pooled sum. Backward: the pooled embedding is recomputed per (video, feature),
+// one block per video forms the gradient of the normalisation, one thread per (video,
+// feature) writes grad_h and grad_m and per-video partial sums of the gate gradient,
+// which a last kernel reduces over the batch in a fixed order (deterministic, no atomics). Accumulation in float32 (float64
 // for float64 inputs); workspaces are allocated with ATen's caching allocator.
 #include <ATen/ops/empty.h>
 
@@ -57,17 +57,18 @@ __global__ void mix_fwd_kernel(const T* __restrict__ h, Strides3 hs, const T* __
   }
 }
 
-// One block per video: v = pooled / max(|pooled|, eps).
+// One block per video (grid-stride over the batch): v = pooled / max(|pooled|, eps).
 template <typename T>
-__global__ void normalize_kernel(const acc_t<T>* __restrict__ pooled, T* __restrict__ v, int64_t dim) {
+__global__ void normalize_kernel(const acc_t<T>* __restrict__ pooled, T* __restrict__ v, int64_t batch, int64_t dim) {
   using A = acc_t<T>;
-  const int64_t b = blockIdx.x;
-  const A* p = pooled + b * dim;
-  A sq = 0;
-  for (int64_t d = threadIdx.x; d < dim; d += blockDim.x) sq += p[d] * p[d];
-  const A norm = cuda::block_sum(sq);
-  const A scale = A(1) / max(sqrt(norm), static_cast<A>(kEps));
-  for (int64_t d = threadIdx.x; d < dim; d += blockDim.x) v[b * dim + d] = static_cast<T>(p[d] * scale);
+  for (int64_t b = blockIdx.x; b < batch; b += gridDim.x) {  // uniform in the block: block_sum is safe
+    const A* p = pooled + b * dim;
+    A sq = 0;
+    for (int64_t d = threadIdx.x; d < dim; d += blockDim.x) sq += p[d] * p[d];
+    const A norm = cuda::block_sum(sq);
+    const A scale = A(1) / max(sqrt(norm), static_cast<A>(kEps));
+    for (int64_t d = threadIdx.x; d < dim; d += blockDim.x) v[b * dim + d] = static_cast<T>(p[d] * scale);
+  }
 }
 
 template <typename T>
@@ -88,27 +89,28 @@ __global__ void pooled_kernel(const T* __restrict__ h, Strides3 hs, const T* __r
   }
 }
 
-// One block per video: pooled <- (d v / d pooled)^T grad_v / T, in place.
+// One block per video (grid-stride over the batch): pooled <- (d v / d pooled)^T grad_v / T, in place.
 template <typename T>
 __global__ void normalize_bwd_kernel(acc_t<T>* __restrict__ pooled, const T* __restrict__ grad_v, int64_t gvs0,
-                                     int64_t gvs1, int64_t dim, int64_t frames) {
+                                     int64_t gvs1, int64_t batch, int64_t dim, int64_t frames) {
   using A = acc_t<T>;
-  const int64_t b = blockIdx.x;
-  A* p = pooled + b * dim;
-  const T* gv = grad_v + b * gvs0;
-  A sq = 0, dot = 0;
-  for (int64_t d = threadIdx.x; d < dim; d += blockDim.x) {
-    sq += p[d] * p[d];
-    dot += p[d] * static_cast<A>(gv[d * gvs1]);
-  }
-  const A norm = sqrt(cuda::block_sum(sq));
-  const A pv = cuda::block_sum(dot);  // pooled . grad_v
   const A eps = static_cast<A>(kEps);
   const A inv_t = A(1) / static_cast<A>(frames);
-  for (int64_t d = threadIdx.x; d < dim; d += blockDim.x) {
-    const A g = static_cast<A>(gv[d * gvs1]);
-    // (grad_v - v (v . grad_v)) / norm with v = pooled / norm
-    p[d] = (norm > eps ? (g - p[d] * pv / (norm * norm)) / norm : g / eps) * inv_t;
+  for (int64_t b = blockIdx.x; b < batch; b += gridDim.x) {  // uniform in the block: block_sum is safe
+    A* p = pooled + b * dim;
+    const T* gv = grad_v + b * gvs0;
+    A sq = 0, dot = 0;
+    for (int64_t d = threadIdx.x; d < dim; d += blockDim.x) {
+      sq += p[d] * p[d];
+      dot += p[d] * static_cast<A>(gv[d * gvs1]);
+    }
+    const A norm = sqrt(cuda::block_sum(sq));
+    const A pv = cuda::block_sum(dot);  // pooled . grad_v
+    for (int64_t d = threadIdx.x; d < dim; d += blockDim.x) {
+      const A g = static_cast<A>(gv[d * gvs1]);
+      // (grad_v - v (v . grad_v)) / norm with v = pooled / norm
+      p[d] = (norm > eps ? (g - p[d] * pv / (norm * norm)) / norm : g / eps) * inv_t;
+    }
   }
 }
 
@@ -170,8 +172,8 @@ void motion_mix_fwd_cuda(const at::TensorBase& h, const at::TensorBase& m, const
         gate.const_data_ptr<scalar_t>(), gate.stride(0), gate.stride(1), u.mutable_data_ptr<scalar_t>(),
         mu.mutable_data_ptr<scalar_t>(), pooled.mutable_data_ptr<A>(), batch, streams, frames, dim);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    normalize_kernel<scalar_t><<<static_cast<unsigned>(batch), cuda::kThreads, 0, cuda::stream()>>>(
-        pooled.const_data_ptr<A>(), v.mutable_data_ptr<scalar_t>(), dim);
+    normalize_kernel<scalar_t><<<cuda::blocks_for(batch, 1), cuda::kThreads, 0, cuda::stream()>>>(
+        pooled.const_data_ptr<A>(), v.mutable_data_ptr<scalar_t>(), batch, dim);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
@@ -191,8 +193,8 @@ void motion_mix_bwd_cuda(const at::TensorBase& grad_u, const at::TensorBase& gra
           gate.const_data_ptr<scalar_t>(), gate.stride(0), gate.stride(1), gp.mutable_data_ptr<A>(), batch, streams,
           frames, dim);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-      normalize_bwd_kernel<scalar_t><<<static_cast<unsigned>(batch), cuda::kThreads, 0, cuda::stream()>>>(
-          gp.mutable_data_ptr<A>(), grad_v.const_data_ptr<scalar_t>(), grad_v.stride(0), grad_v.stride(1), dim,
+      normalize_bwd_kernel<scalar_t><<<cuda::blocks_for(batch, 1), cuda::kThreads, 0, cuda::stream()>>>(
+          gp.mutable_data_ptr<A>(), grad_v.const_data_ptr<scalar_t>(), grad_v.stride(0), grad_v.stride(1), batch, dim,
           frames);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       mix_bwd_kernel<scalar_t><<<cuda::blocks_for(batch * dim), cuda::kThreads, 0, cuda::stream()>>>(
