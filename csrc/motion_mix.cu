@@ -6,8 +6,9 @@
 // the pooled sum. Backward: the pooled embedding is recomputed per (video, feature),
 // one block per video forms the gradient of the normalisation, one thread per (video,
 // feature) writes grad_h and grad_m and per-video partial sums of the gate gradient,
-// which a last kernel reduces over the batch in a fixed order (deterministic, no atomics). Accumulation in float32 (float64
-// for float64 inputs); workspaces are allocated with ATen's caching allocator.
+// which a last kernel reduces over the batch in a fixed order (deterministic, no
+// atomics). Accumulation in float32 (float64 for float64 inputs); workspaces are
+// allocated with ATen's caching allocator.
 #include <ATen/ops/empty.h>
 
 #include "cuda_utils.cuh"
