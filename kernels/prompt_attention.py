@@ -8,9 +8,9 @@ Design (FlashAttention-style, specialised for ``C`` queries per head over ``L`` 
   scores. Queries shared by the batch (``[C, H, d]``) are read with a batch stride of
   0, never copied; keys expanded over the batch (stride 0) are read the same way.
 * Backward recomputes instead of storing probabilities. ``_prompt_attention_bwd_kernel``
-  (one program per (video, head) and query block; for shared queries one per head and
-  query block, looping over the videos so that ``grad_q`` sums over the batch in
-  registers) first recomputes each row's log-sum-exp and ``delta = rowsum(dO * O)``,
+  (one program per (video, head) and query block; for shared queries one per head, query
+  block and group of videos, looping over the group's videos so that ``grad_q`` sums over
+  them in registers, the groups' partial sums added by one reduction) first recomputes each row's log-sum-exp and ``delta = rowsum(dO * O)``,
   stores both in a small float32 ``[B, H, C]`` workspace, then accumulates ``grad_q``.
   ``_prompt_attention_bwd_dkdv_kernel`` (one program per (video, head) and key block)
   streams the queries and accumulates ``grad_k`` and ``grad_v``. Deterministic, no
@@ -31,6 +31,7 @@ float64 scale.
 
 from __future__ import annotations
 
+import functools
 import struct
 
 import torch
@@ -139,19 +140,23 @@ def _prompt_attention_bwd_kernel(
     lse_ptr, delta_ptr, stride_sb, stride_sh,
     scale_hi, scale_lo,
     B, C, L, H, HEAD_DIM,
+    VIDEOS_PER_GROUP,
     Q_SHARED: tl.constexpr, HAS_MASK: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     c0 = tl.program_id(1).to(tl.int64) * BLOCK_C
-    if Q_SHARED:  # one program per head and query block sums grad_q over every video
-        h = pid
-        b_first = pid * 0
-        num_videos = B
+    if Q_SHARED:  # one program per (head, group of VIDEOS_PER_GROUP videos) and query block
+        h = pid % H
+        group = pid // H
+        b_first = group * VIDEOS_PER_GROUP
+        num_videos = tl.minimum(VIDEOS_PER_GROUP, B - b_first)
+        out_index = group  # one partial sum of grad_q per group of videos
     else:
         h = pid % H
         b_first = pid // H
         num_videos = 1
+        out_index = b_first
     scale = tl.full([], scale_hi, ACC) + tl.full([], scale_lo, ACC)
     rows = tl.arange(0, BLOCK_C)
     keys = tl.arange(0, BLOCK_L)
@@ -218,7 +223,7 @@ def _prompt_attention_bwd_kernel(
         bias_base += stride_biasb
         stat_base += stride_sb
     grad_q = grad_q * scale
-    tl.store(grad_q_ptr + b_first * stride_gqb + h * stride_gqh + c0 * stride_gqc
+    tl.store(grad_q_ptr + out_index * stride_gqb + h * stride_gqh + c0 * stride_gqc
              + rows[:, None] * stride_gqc + cols[None, :] * stride_gqd,
              grad_q.to(grad_q_ptr.dtype.element_ty), mask=tile_ok)
 
@@ -304,6 +309,25 @@ def _launch_config(classes: int, keys: int, head_dim: int, dtype: torch.dtype) -
     return dict(BLOCK_C=block_c, BLOCK_L=block_l, BLOCK_D=block_d, num_warps=8 if block_d >= 128 else 4)
 
 
+# Programs to aim for per streaming multiprocessor when the grid is too small to fill
+# the device; the interpreter pretends to have a few, so that tests exercise the split.
+_PROGRAMS_PER_SM = 2
+_INTERPRETER_SMS = 4
+
+
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(device: torch.device) -> int:
+    if device.type != "cuda":
+        return _INTERPRETER_SMS
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _video_groups(batch: int, programs: int, device: torch.device) -> int:
+    """How many groups of videos the shared-query ``grad_q`` kernel splits the batch into."""
+    wanted = _PROGRAMS_PER_SM * _multiprocessors(device)
+    return max(1, min(batch, -(-wanted // max(programs, 1))))
+
+
 def _split_scale(scale: float) -> tuple[float, float]:
     """``scale`` as float32 ``hi + lo`` (Triton passes Python floats as float32)."""
     hi = struct.unpack("f", struct.pack("f", scale))[0]
@@ -376,16 +400,33 @@ def prompt_attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tenso
     delta = torch.empty_like(lse)
     config = _launch_config(classes, keys, head_dim, q.dtype)
     flags = dict(HAS_MASK=key_padding_mask is not None, ACC=acc_dtype(q.dtype), **_dot_flags(q.dtype), **config)
-    grid = (heads if shared else batch * heads, triton.cdiv(classes, config["BLOCK_C"]))
+    query_blocks = triton.cdiv(classes, config["BLOCK_C"])
+    groups, per_group = 1, 1
+    grad_q_out = grad_q
+    if shared:
+        # grad_q sums over the batch. Groups of videos run side by side, each writing a
+        # partial sum (accumulator dtype) that one reduction adds up, so that a small
+        # heads x query-blocks grid still fills the device.
+        groups = _video_groups(batch, heads * query_blocks, q.device)
+        per_group = triton.cdiv(batch, groups)
+        groups = triton.cdiv(batch, per_group)
+        if groups > 1:
+            grad_q_out = torch.empty((groups, classes, heads, head_dim), dtype=acc_torch_dtype(q.dtype),
+                                     device=q.device)
+            grad_q_strides = grad_q_out.stride()
+    grid = ((groups if shared else batch) * heads, query_blocks)
     _prompt_attention_bwd_kernel[grid](
         grad_out, *grad_out.stride(),
         *q_args, *k_args, *v_args, *bias_args,
-        grad_q, *grad_q_strides,
+        grad_q_out, *grad_q_strides,
         lse, delta, lse.stride(0), lse.stride(1),
         *scales,
         batch, classes, keys, heads, head_dim,
+        per_group,
         Q_SHARED=shared, **flags,
     )
+    if grad_q_out is not grad_q:
+        grad_q.copy_(grad_q_out.sum(0))
     grid = (batch * heads, triton.cdiv(keys, config["BLOCK_L"]))
     _prompt_attention_bwd_dkdv_kernel[grid](
         grad_out, *grad_out.stride(),
