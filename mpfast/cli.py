@@ -31,7 +31,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except Exception as exc:  # a one-line message for the user; -v shows the traceback
+        if args.verbose:
+            raise
+        print(f"mpfast {args.command}: error: {exc}\n(run `mpfast -v {args.command} ...` for the traceback)",
+              file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -122,11 +122,13 @@ def test_classify_prints_top5(data, trained, capsys):
     assert "cannot read video" in capsys.readouterr().err
 
 
-def test_malformed_list_names_file_and_line(data, tmp_path):
+def test_malformed_list_names_file_and_line(data, tmp_path, capsys):
     bad = tmp_path / "bad.txt"
     bad.write_text("a.mp4 0\nb.mp4 x\n")
-    with pytest.raises(ValueError, match="bad.txt:2: label must be an integer"):
-        main(["cache", *MODEL, "--list", str(bad), "--cache-dir", str(tmp_path)])
+    assert main(["cache", *MODEL, "--list", str(bad), "--cache-dir", str(tmp_path)]) == 2
+    assert "mpfast cache: error: bad.txt:2: label must be an integer" in capsys.readouterr().err.replace(str(tmp_path) + "/", "")
+    with pytest.raises(ValueError, match="bad.txt:2: label must be an integer"):  # -v: the traceback
+        main(["-v", "cache", *MODEL, "--list", str(bad), "--cache-dir", str(tmp_path)])
 
 
 @pytest.mark.slow
