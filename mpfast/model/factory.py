@@ -25,7 +25,8 @@ def _offline_message(model_name: str, pretrained: str, cause: str) -> str:
     return (
         f"could not download the pretrained weights {pretrained!r} of {model_name} ({cause}). "
         f"If this machine is offline, download the checkpoint elsewhere and pass its path: "
-        f"create_model_and_transforms({model_name!r}, pretrained='/path/to/open_clip_model.safetensors') "
+        f"create_model_and_transforms({model_name!r}, pretrained='/path/to/open_clip_model.safetensors'), "
+        f"or --pretrained /path/to/open_clip_model.safetensors on the mpfast command line "
         f"(or set HF_HUB_OFFLINE=1 to use weights already in the Hugging Face cache)"
     )
 
