@@ -36,7 +36,12 @@ if [ "$DEVICE" = "cuda" ]; then
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || status=1
     unset TRITON_INTERPRET  # real kernels only
 fi
-"$PY" -m mpfast.info | tee "$OUT/info.txt"
+# A first, short step: a machine that cannot even import mpfast (a stalled file system was
+# seen once) fails here in two minutes instead of at every stage's timeout.
+if ! timeout 120 "$PY" -m mpfast.info | tee "$OUT/info.txt"; then
+    echo "gpu_check: python -m mpfast.info failed or hung (120 s); stopping"
+    exit 1
+fi
 
 if [[ ",$BACKENDS," == *",cuda,"* ]]; then
     echo "== 0/3 building the CUDA extension (TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-8.0;9.0})"
