@@ -153,3 +153,6 @@ def test_ops_under_autocast_take_mixed_dtypes():
     torch.testing.assert_close(out, ops.prompt_attention(q.bfloat16(), k, v.bfloat16()))
     with pytest.raises(ValueError, match="same dtype"):  # outside autocast mixed dtypes stay an error
         ops.prompt_attention(q, k, v)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # float64 is left alone, as autocast does
+        out = ops.prompt_attention(q.double(), k.double(), v.double())
+    assert out.dtype == torch.float64

@@ -41,8 +41,9 @@ def autocast_inputs(dtype: torch.dtype | None, *values: Any) -> tuple:
     """Under autocast on the first tensor's device, the floating tensors among ``values`` cast.
 
     ``dtype`` is the dtype the op runs in under autocast (``None``: autocast's own
-    lower-precision dtype); outside autocast, and for anything that is not a floating
-    tensor, ``values`` come back unchanged (validation then rejects what is wrong).
+    lower-precision dtype). As autocast itself, float64 tensors are left alone; outside
+    autocast, and for anything that is not a floating tensor, ``values`` come back
+    unchanged (validation then rejects what is wrong).
     """
     first = next((v for v in values if isinstance(v, torch.Tensor)), None)
     if first is None:
@@ -51,7 +52,10 @@ def autocast_inputs(dtype: torch.dtype | None, *values: Any) -> tuple:
     if not (torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)):
         return values
     dtype = dtype or torch.get_autocast_dtype(device_type)
-    return tuple(v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v for v in values)
+    return tuple(
+        v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() and v.dtype != torch.float64 else v
+        for v in values
+    )
 
 
 def resolve(op: str, args: Sequence, device: torch.device) -> str:
