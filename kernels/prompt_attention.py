@@ -425,8 +425,11 @@ def prompt_attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tenso
         per_group,
         Q_SHARED=shared, **flags,
     )
-    if grad_q_out is not grad_q:
-        grad_q.copy_(grad_q_out.sum(0))
+    if grad_q_out is not grad_q:  # one reduction kernel, plus a cast for float16/bfloat16
+        if grad_q_out.dtype == grad_q.dtype:
+            torch.sum(grad_q_out, dim=0, out=grad_q)
+        else:
+            grad_q.copy_(grad_q_out.sum(0))
     grid = (batch * heads, triton.cdiv(keys, config["BLOCK_L"]))
     _prompt_attention_bwd_dkdv_kernel[grid](
         grad_out, *grad_out.stride(),
