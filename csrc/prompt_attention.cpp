@@ -14,7 +14,7 @@
 #include "cpu_utils.h"
 #include "mpfast.h"
 
-#include <bit>
+#include <cstring>
 #include <limits>
 #include <type_traits>
 
@@ -142,7 +142,9 @@ MPFAST_INLINE Vec<float>::type exp_vec(Vec<float>::type x) {
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
   const I bits = (__builtin_convertvector(n, I) + 127) << 23;
-  const V y = p * std::bit_cast<V>(bits);  // 2^n (a pointer cast would break strict aliasing)
+  V scale;  // 2^n; memcpy, not a pointer cast (strict aliasing) nor std::bit_cast (C++20)
+  std::memcpy(&scale, &bits, sizeof(scale));
+  const V y = p * scale;
   return x != x ? x : y;
 }
 
