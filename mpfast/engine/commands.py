@@ -25,9 +25,10 @@ from ..data.transforms import ClipTransform
 from ..data.video import SAMPLING_MODES, SamplingConfig, VideoDecodeError
 from ..model import create_model_and_transforms
 from . import distributed
-from .cache import FeatureDataset, build_cache
+from .cache import DEFAULT_DTYPE, FeatureDataset, build_cache, list_caches, prune_caches
 from .checkpoint import load_checkpoint, load_head
-from .trainer import AMP_MODES, TrainConfig, Trainer, evaluate
+from .shards import STORAGE_DTYPES
+from .trainer import AMP_MODES, TrainConfig, Trainer, check_output_dir, evaluate
 
 logger = logging.getLogger("mpfast.engine")
 
@@ -65,6 +66,8 @@ def _data_arguments(parser: argparse.ArgumentParser, *, list_flag: str = "--list
     group.add_argument("--batch-size", type=int, default=32, help="videos per batch (global under torchrun)")
     group.add_argument("--workers", type=int, default=0, help="DataLoader workers")
     group.add_argument("--cache-dir", default=None, help="folder of feature caches (compute once, reuse while valid)")
+    group.add_argument("--cache-dtype", choices=sorted(STORAGE_DTYPES), default=DEFAULT_DTYPE,
+                       help="storage dtype of cached features")
     group.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -72,7 +75,14 @@ def add_commands(subparsers) -> None:
     """Adds ``cache``, ``train``, ``eval`` and ``classify``."""
     cache = subparsers.add_parser("cache", help="compute and store frozen-CLIP frame features of a video list")
     _model_arguments(cache)
-    _data_arguments(cache)
+    _data_arguments(cache, required=False)
+    group = cache.add_argument_group("cache folders")
+    group.add_argument("--list-caches", action="store_true", help="describe the caches in --cache-dir and exit")
+    group.add_argument("--prune", action="store_true",
+                       help="delete the caches in --cache-dir that no run can use any more (a video changed or vanished)")
+    group.add_argument("--older-than", type=float, default=None, metavar="DAYS",
+                       help="with --prune: also delete caches not used for DAYS days")
+    group.add_argument("--dry-run", action="store_true", help="with --prune: list what would be deleted")
     cache.set_defaults(func=run_cache)
 
     train = subparsers.add_parser("train", help="train the motion-prompt head")
@@ -94,6 +104,7 @@ def add_commands(subparsers) -> None:
     group.add_argument("--log-every", type=int, default=10)
     group.add_argument("--checkpoint-every", type=int, default=0, help="steps between checkpoints (0: each epoch)")
     group.add_argument("--resume", default=None, metavar="CKPT", help="continue a run from its last.safetensors")
+    group.add_argument("--overwrite", action="store_true", help="replace a run already in --output")
     train.set_defaults(func=run_train)
 
     evaluate_parser = subparsers.add_parser("eval", help="top-1/top-5/mean class accuracy of a checkpoint")
@@ -170,13 +181,24 @@ def _eval_dataset(args, model, entries, root) -> VideoDataset:
 def _cached(args, model, model_info, entries, root, device, *, train: bool, seed: int = 0, positions=None):
     dataset = _eval_dataset(args, model, entries, root)
     cache = build_cache(model, dataset, args.cache_dir, model_info["model"], precision=args.precision,
-                        batch_size=max(1, args.batch_size // distributed.world_size()), num_workers=args.workers,
-                        device=device, progress=not args.no_progress)
+                        dtype=args.cache_dtype, batch_size=max(1, args.batch_size // distributed.world_size()),
+                        num_workers=args.workers, device=device, progress=not args.no_progress)
     return FeatureDataset(cache, train=train, seed=seed, positions=positions)
 
 
 # --------------------------------------------------------------------------- commands
 def run_cache(args: argparse.Namespace) -> int:
+    if args.list_caches or args.prune:
+        if not args.cache_dir:
+            raise ValueError("--list-caches and --prune need --cache-dir")
+        if args.prune:
+            print(json.dumps({"pruned": prune_caches(args.cache_dir, args.older_than, dry_run=args.dry_run),
+                              "dry_run": args.dry_run}))
+        else:
+            print(json.dumps({"caches": list_caches(args.cache_dir)}))
+        return 0
+    if not args.list or not args.cache_dir:
+        raise ValueError("mpfast cache needs --list and --cache-dir (or --list-caches/--prune with --cache-dir)")
     device = distributed.init_from_environment(args.device)
     model, model_info, _ = _build_model(args, device)
     entries = read_list(args.list)
@@ -185,11 +207,13 @@ def run_cache(args: argparse.Namespace) -> int:
     if distributed.rank() == 0:
         print(json.dumps({"cache": cache.folder, "videos": cache.meta["count"], "skipped": len(cache.failed),
                           "short": cache.meta["short"], "shape": list(cache.features.shape),
+                          "dtype": cache.meta["dtype"], "encoded": cache.built["videos_encoded"],
                           "seconds": round(cache.meta["seconds"], 3)}))
     return 0
 
 
 def run_train(args: argparse.Namespace) -> int:
+    check_output_dir(args.output, resume=args.resume, overwrite=args.overwrite)  # before hours of caching
     device = distributed.init_from_environment(args.device)
     args.checkpoint = None
     model, model_info, _ = _build_model(args, device)
@@ -217,7 +241,7 @@ def run_train(args: argparse.Namespace) -> int:
         eval_set = (_cached(args, model, model_info, val_entries, val_root, device, train=False) if args.cache_dir
                     else _eval_dataset(args, model, val_entries, val_root))
     trainer = Trainer(model, class_names, train_set, config, eval_set=eval_set, device=device,
-                      output_dir=args.output, model_info=model_info)
+                      output_dir=args.output, model_info=model_info, overwrite=args.overwrite)
     if args.resume:
         trainer.resume(args.resume)
     history = trainer.fit()
@@ -275,6 +299,9 @@ def run_classify(args: argparse.Namespace) -> int:
         video = item["video"].to(device)
         logits = model.forward_features(model.encode_frames(video), model.encode_classes(class_names)).mean(dim=0)
     probabilities = logits.float().softmax(dim=-1)
+    if not torch.isfinite(probabilities).all():
+        print(f"error: the model gave non-finite scores for {args.video}", file=sys.stderr)
+        return 1
     top = probabilities.topk(min(5, len(class_names)))
     for probability, index in zip(top.values.tolist(), top.indices.tolist()):
         print(f"{probability:.4f}  {class_names[index]}")
