@@ -3,12 +3,12 @@
 ``python -m benchmarks.cache_scale`` writes a synthetic cache (by default 300,000 videos x
 8 frames x 512, float16: 2.5 GB) with the real shard writer, then, each in a fresh
 process, opens it (every shard's checksums and values checked) and trains the head for
-one epoch from it: once through the memory maps (what ``mpfast train --cache-dir`` does)
-and once with the whole cache read into RAM first. It reports, for each, the time to
-open, the epoch's throughput (videos/s) and how much the process's resident memory grew
-beyond what it held before opening the cache (peak, ``VmHWM``), and deletes the cache
-unless ``--keep``. ``--max-growth-gb`` (default 1) makes the run fail when the memory-
-mapped epoch grows by more.
+one epoch from it: once reading rows from the shard files as the batches need them
+(``disk``, what ``mpfast train --cache-dir`` does) and once with the whole cache read
+into RAM first (``ram``). It reports, for each, the time to open, the epoch's throughput
+(videos/s) and how much the process's resident memory grew beyond what it held before
+opening the cache (peak, ``VmHWM``), and deletes the cache unless ``--keep``.
+``--max-growth-gb`` (default 1) makes the run fail when the ``disk`` epoch grows by more.
 
 The head is MotionCLIP's on a CLIP with D=512 whose towers are tiny (only the class
 embeddings come from the text tower, once), so the step costs what the head costs;
@@ -86,7 +86,7 @@ def _reset_peak() -> bool:
 
 
 def run_epoch(folder: str, mode: str, classes: int, batch_size: int, threads: int, device: str) -> dict:
-    """In this process: open the cache (``mode`` "mmap" or "ram"), train one epoch, measure."""
+    """In this process: open the cache (``mode`` "disk" or "ram"), train one epoch, measure."""
     import open_clip
 
     from mpfast import create_model_and_transforms
@@ -133,10 +133,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=min(4, os.cpu_count() or 1), help="torch threads")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where the head trains")
     parser.add_argument("--dir", default=".", help="where the cache is written (needs the space: see the docstring)")
-    parser.add_argument("--modes", default="mmap,ram", help="comma-separated: mmap, ram")
+    parser.add_argument("--modes", default="disk,ram", help="comma-separated: disk, ram")
     parser.add_argument("--keep", action="store_true", help="keep the cache (reused by a later run with the same sizes)")
-    parser.add_argument("--max-growth-gb", type=float, default=1.0, help="fail when the mmap epoch grows RSS by more")
-    parser.add_argument("--run", choices=("mmap", "ram"), help=argparse.SUPPRESS)
+    parser.add_argument("--max-growth-gb", type=float, default=1.0, help="fail when the disk epoch grows RSS by more")
+    parser.add_argument("--run", choices=("disk", "ram"), help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.run:
@@ -175,8 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps({"videos": args.videos, "bytes": size, "write_s": round(written, 1), "runs": results,
                       "machine": {"cpus": os.cpu_count(), "torch": torch.__version__, "threads": args.threads,
                                   "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"}}))
-    mapped = [r for r in results if r["mode"] == "mmap"]
-    if mapped and (mapped[0]["peak_growth_gb"] or mapped[0]["end_growth_gb"]) > args.max_growth_gb:
+    disk = [r for r in results if r["mode"] == "disk"]
+    if disk and (disk[0]["peak_growth_gb"] or disk[0]["end_growth_gb"]) > args.max_growth_gb:
         print(f"error: resident memory grew by more than {args.max_growth_gb} GB", file=sys.stderr)
         return 1
     return 0

@@ -1,4 +1,4 @@
-"""On-disk cache of frozen-CLIP frame features: crash-safe, shared safely, memory-mapped.
+"""On-disk cache of frozen-CLIP frame features: crash-safe, safe to share, read row by row.
 
 CLIP is frozen, so the features of a video's clip views never change unless something
 that feeds them does. ``build_cache`` computes ``[N, V, T, D]`` features once (V views =
@@ -30,9 +30,10 @@ can use any more (a video changed or vanished, an older format) and, when asked,
 unused for some days.
 
 Features are stored as float16 by default (``dtype="float32"`` on request) and read
-through memory maps: training and evaluation touch only the rows they use, and the
-pages a process has mapped are released every ``resident_limit`` bytes read, so a
-cache larger than RAM can be trained on.
+row by row from the shard files when asked for (positional reads through the page
+cache, see :class:`mpfast.engine.shards.ShardReader`): training and evaluation touch
+only the rows they use and hold only their batches, so a cache larger than RAM can be
+trained on; :meth:`FeatureCache.in_memory` loads a small one into RAM.
 """
 
 from __future__ import annotations
@@ -61,18 +62,17 @@ from torch.utils.data import DataLoader
 
 from ..data.dataset import BrokenVideoLog, VideoDataset, collate_videos, sample_seed
 from . import distributed
-from .shards import (STORAGE_DTYPES, MappedShard, ShardError, check_header, check_shard, read_array, read_header,
-                     shard_name, write_shard)
+from .shards import (STORAGE_DTYPES, ShardError, ShardReader, allow_open_files, check_header, check_shard, read_array,
+                     read_header, shard_name, write_shard)
 
 logger = logging.getLogger("mpfast.engine")
 
 CACHE_VERSION = 2
 SHARD_SIZE = 1024  # videos per shard file
 DEFAULT_DTYPE = "float16"  # storage dtype of the features
-RESIDENT_LIMIT = 256 << 20  # bytes read through the maps between two releases of the mapped pages
 LOCK_POLL_SECONDS = 10.0
 _KEY_PATTERN = re.compile(r"^[0-9a-f]{20}$")
-_VERIFY_THREADS = 8
+_VERIFY_THREADS = min(8, os.cpu_count() or 1)  # threads checking shards (hashlib and numpy release the GIL)
 
 
 class CacheError(RuntimeError):
@@ -167,21 +167,34 @@ def _expected(meta: dict[str, Any], number: int) -> dict[str, Any]:
             "row_shape": meta.get("row_shape")}
 
 
+class _InMemory:
+    """Rows of a feature array held in RAM (the block interface of :class:`ShardReader`)."""
+
+    def __init__(self, array: np.ndarray):
+        self.array, self.dtype, self.shape = array, array.dtype, array.shape
+
+    def __len__(self) -> int:
+        return len(self.array)
+
+    def read(self, rows: np.ndarray, rest: tuple = ()) -> np.ndarray:
+        return self.array[(rows, *rest)]
+
+    def read_all(self) -> np.ndarray:
+        return self.array
+
+
 class CachedFeatures:
     """The feature rows of a cache, ``[N, V, T, D]``, read on demand as float32 tensors.
 
     ``features[i]`` is ``[V, T, D]``; ``features[rows]`` (slice, list, array or tensor)
-    is ``[n, V, T, D]``; further indices select views etc. (``features[i, 0:1]``).
-    ``features[:]`` reads everything (small caches only). Reading goes through the
-    shards' memory maps; once ``resident_limit`` bytes have been read, the mapped pages
-    are released, so the process's resident memory stays bounded.
+    is ``[n, V, T, D]``; further indices select views etc. (``features[i, 0:1]`` reads
+    one view). ``features[:]`` reads everything (small caches only). Rows of an on-disk
+    cache are read from their shard files when asked for, nothing else is kept.
     """
 
-    def __init__(self, blocks: Sequence[np.ndarray], row_shape: tuple[int, ...], *,
-                 shards: Sequence[MappedShard] = (), resident_limit: int = RESIDENT_LIMIT):
+    def __init__(self, blocks: Sequence[ShardReader | _InMemory], row_shape: tuple[int, ...]):
         self._blocks = list(blocks)
         self._offsets = np.cumsum([0] + [len(block) for block in self._blocks])
-        self._shards, self._resident_limit, self._read_bytes = list(shards), resident_limit, 0
         self.shape = (int(self._offsets[-1]), *row_shape)
         storage = self._blocks[0].dtype if self._blocks else np.dtype(np.float32)
         self.storage_dtype = torch.from_numpy(np.zeros(0, dtype=storage)).dtype
@@ -189,48 +202,28 @@ class CachedFeatures:
     def __len__(self) -> int:
         return self.shape[0]
 
-    def release(self) -> None:
-        """Drops the pages this process has mapped (they stay in the page cache)."""
-        for shard in self._shards:
-            shard.release()
-        self._read_bytes = 0
-
-    def _account(self, values: np.ndarray) -> None:
-        if self._shards:
-            self._read_bytes += values.size * self._blocks[0].dtype.itemsize
-            if self._read_bytes >= self._resident_limit:
-                self.release()
-
-    def _locate(self, row: int) -> tuple[np.ndarray, int]:
-        if not -self.shape[0] <= row < self.shape[0]:
-            raise IndexError(f"row {row} is out of range for {self.shape[0]} cached videos")
-        row %= self.shape[0]
-        block = int(np.searchsorted(self._offsets, row, side="right")) - 1
-        return self._blocks[block], row - int(self._offsets[block])
-
     def __getitem__(self, key) -> torch.Tensor:
         rest: tuple = ()
         if isinstance(key, tuple):
             key, rest = key[0], key[1:]
-        if isinstance(key, (int, np.integer)) or (isinstance(key, torch.Tensor) and key.dim() == 0):
-            block, local = self._locate(int(key))
-            values = np.array(block[(local, *rest)], dtype=np.float32)
+        single = isinstance(key, (int, np.integer)) or (isinstance(key, torch.Tensor) and key.dim() == 0)
+        if single:
+            rows = np.array([int(key)])
         else:
-            rows = np.arange(self.shape[0])[key] if isinstance(key, slice) else np.asarray(key, dtype=np.int64)
-            values = self._gather(rows.reshape(-1), rest)
-        self._account(values)
-        return torch.from_numpy(values)
+            rows = np.arange(self.shape[0])[key] if isinstance(key, slice) else np.asarray(key, dtype=np.int64).reshape(-1)
+        if rows.size and (rows.min() < -self.shape[0] or rows.max() >= self.shape[0]):
+            raise IndexError(f"row(s) {rows[(rows < -self.shape[0]) | (rows >= self.shape[0])][:3].tolist()} out of "
+                             f"range for {self.shape[0]} cached videos")
+        values = self._gather(rows % max(self.shape[0], 1), rest)
+        return torch.from_numpy(values[0] if single else values)
 
     def _gather(self, rows: np.ndarray, rest: tuple) -> np.ndarray:
-        if rows.size and (rows.min() < -self.shape[0] or rows.max() >= self.shape[0]):
-            raise IndexError(f"rows out of range for {self.shape[0]} cached videos")
-        rows = rows % max(self.shape[0], 1)
         inner = np.empty((0, *self.shape[1:]), dtype=np.float32)[(slice(None), *rest)].shape[1:]
         out = np.empty((rows.size, *inner), dtype=np.float32)
         blocks = np.searchsorted(self._offsets, rows, side="right") - 1
         for block in np.unique(blocks):
             chosen = blocks == block
-            out[chosen] = self._blocks[block][(rows[chosen] - self._offsets[block], *rest)]
+            out[chosen] = self._blocks[block].read(rows[chosen] - self._offsets[block], rest)
         return out
 
 
@@ -241,7 +234,6 @@ class FeatureCache:
         folder: the cache folder (``cache_dir/<key>``, holding ``meta.json``).
         verify: read every shard and check its checksums and values (no memory is
             kept); False checks only the headers and sizes.
-        resident_limit: bytes read through the memory maps between two releases.
 
     Attributes:
         features: :class:`CachedFeatures` ``[N_ok, V, T, D]`` in dataset order of ``indices``.
@@ -255,7 +247,7 @@ class FeatureCache:
         CacheError: naming the file that is missing or damaged and what to do.
     """
 
-    def __init__(self, folder: str | os.PathLike, *, verify: bool = True, resident_limit: int = RESIDENT_LIMIT):
+    def __init__(self, folder: str | os.PathLike, *, verify: bool = True):
         self.folder = os.fspath(folder)
         self.built: dict[str, int] | None = None
         self._entries: list | None = None
@@ -269,20 +261,21 @@ class FeatureCache:
                              f"{meta.get('version')!r}, expected {CACHE_VERSION}): delete it, or rebuild with `mpfast cache`")
         try:
             expected = [_expected(meta, number) for number in range(len(meta["shards"]))]
-            if len(expected) != math.ceil(meta["count"] / meta["shard_size"]):
+            if len(expected) != math.ceil(meta["count"] / meta["shard_size"]) or len(meta["row_shape"]) != 3:
                 raise KeyError("shards")
-        except (KeyError, TypeError, ZeroDivisionError) as exc:
-            raise CacheError(f"{meta_path} is damaged (field {exc} missing or wrong): delete it and rerun "
-                             "`mpfast cache` with the same arguments to rewrite it") from exc
+            failed = {int(k): str(v) for k, v in meta["failed"].items()}
+        except (KeyError, TypeError, ValueError, AttributeError, ZeroDivisionError) as exc:
+            raise CacheError(f"{meta_path} is damaged (field {exc} missing or wrong): rerun `mpfast cache` with the "
+                             "same arguments to write it again") from exc
         paths = [os.path.join(self.folder, shard_name(number)) for number in range(len(expected))]
         with ThreadPoolExecutor(min(_VERIFY_THREADS, max(1, len(paths)))) as pool:
             headers = list(pool.map(lambda args: _open_shard(*args, verify=verify), zip(paths, expected)))
-        mapped = [MappedShard(header) for header in headers]
+        allow_open_files(len(headers))
+        readers = [ShardReader(header) for header in headers]
         self.indices = torch.from_numpy(np.concatenate([read_array(h, "indices") for h in headers] or [np.zeros(0, np.int64)]))
         self.labels = torch.from_numpy(np.concatenate([read_array(h, "labels") for h in headers] or [np.zeros(0, np.int64)]))
-        self.failed = {int(k): v for k, v in meta["failed"].items()}
-        self.features = CachedFeatures([m.array for m in mapped], tuple(meta["row_shape"]), shards=mapped,
-                                       resident_limit=resident_limit)
+        self.failed = failed
+        self.features = CachedFeatures(readers, tuple(meta["row_shape"]))
         if len(self.features) != meta["count"] - len(self.failed):
             raise CacheError(f"cache {self.folder!r} is inconsistent: {len(self.features)} rows, {meta['count']} videos, "
                              f"{len(self.failed)} failed: delete its meta.json and rerun `mpfast cache`")
@@ -297,7 +290,7 @@ class FeatureCache:
             features = features.float()
         cache = cls.__new__(cls)
         cache.folder, cache.failed, cache.built, cache._entries = None, {}, None, None
-        cache.features = CachedFeatures([features.numpy()], tuple(features.shape[1:]))
+        cache.features = CachedFeatures([_InMemory(features.numpy())], tuple(features.shape[1:]))
         cache.labels = labels.long()
         cache.indices = torch.arange(features.shape[0])
         cache.meta = {"count": features.shape[0], "views": features.shape[1], "short": 0}
@@ -307,7 +300,8 @@ class FeatureCache:
         """A copy of this cache with every shard's features read into RAM (same dtype)."""
         copy = FeatureCache.__new__(FeatureCache)
         copy.__dict__.update(self.__dict__)
-        copy.features = CachedFeatures([np.array(block) for block in self.features._blocks], self.features.shape[1:])
+        copy.features = CachedFeatures([_InMemory(block.read_all()) for block in self.features._blocks],
+                                       self.features.shape[1:])
         return copy
 
     def __len__(self) -> int:
@@ -759,7 +753,7 @@ class FeatureDataset(torch.utils.data.Dataset):
             digest.update(json.dumps(material, sort_keys=True, default=str).encode())
         else:  # in memory: the values themselves
             for block in self.cache.features._blocks:
-                digest.update(np.ascontiguousarray(block).reshape(-1).view(np.uint8))
+                digest.update(np.ascontiguousarray(block.read_all()).reshape(-1).view(np.uint8))
             digest.update(self.cache.labels.numpy().tobytes())
         digest.update(self.cache.indices[self.rows].numpy().tobytes())
         return digest.hexdigest()

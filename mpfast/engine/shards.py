@@ -8,13 +8,11 @@ the cache key, and a SHA-256 per tensor, computed from the values before they ar
 written. A shard is complete or absent: it is written to a temporary name, flushed and
 renamed (:func:`mpfast.engine.checkpoint.atomic_save`).
 
-:func:`check_shard` re-reads a file in chunks (no memory mapping, so the process's
-resident memory does not grow) and says what is wrong with it: a header that does not
-parse, a file cut short, another cache's or range's shard, a checksum that does not
-match, non-finite features. :func:`map_shard` maps the features read-only, so a reader
-touches only the rows it uses; :meth:`MappedShard.release` drops the pages this process
-has mapped (the page cache keeps them), which bounds resident memory when a training
-epoch reads the whole cache.
+:func:`check_shard` re-reads a file in chunks and says what is wrong with it: a header
+that does not parse, a file cut short, another cache's or range's shard, a checksum that
+does not match, non-finite features. :class:`ShardReader` reads only the rows asked for,
+with positional reads through the page cache, so the resident memory of a process that
+trains on a cache larger than RAM stays that of its batches.
 
 Offsets come from the safetensors header (8-byte little-endian length, JSON, then the
 data), the documented file layout.
@@ -24,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import mmap
 import os
 import struct
 from dataclasses import dataclass
@@ -38,7 +35,7 @@ from .checkpoint import atomic_save
 SHARD_FORMAT = "mpfast-feature-shard-1"
 STORAGE_DTYPES = {"float16": np.float16, "float32": np.float32}
 _SAFETENSORS_DTYPES = {"F16": np.float16, "F32": np.float32, "I64": np.int64}
-_CHUNK = 8 << 20  # bytes read at a time when checking a shard
+_CHUNK = 1 << 20  # bytes read at a time when checking a shard
 # Bits of an IEEE float that are all ones exactly when the value is inf or NaN.
 _EXPONENT_MASKS = {np.dtype(np.float16): (np.uint16, 0x7C00), np.dtype(np.float32): (np.uint32, 0x7F800000)}
 
@@ -215,20 +212,65 @@ def read_array(header: ShardHeader, name: str) -> np.ndarray:
         return np.frombuffer(handle.read(end - begin), dtype=dtype).reshape(shape).copy()
 
 
-class MappedShard:
-    """A shard's features mapped read-only: ``array`` ``[n, V, T, D]`` reads pages on demand."""
+def allow_open_files(count: int) -> None:
+    """Raises the soft limit of open files, when needed, so that ``count`` more can be open."""
+    try:
+        import resource
+    except ImportError:  # not POSIX
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = count + 512
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted if hard == resource.RLIM_INFINITY else min(wanted, hard), hard))
+
+
+class ShardReader:
+    """Reads rows of a shard's features ``[n, V, T, D]`` with positional reads of just those bytes.
+
+    The rows go through the page cache, not through a memory map: on Linux with large
+    folios, one small read through a map maps megabytes around it, so a training epoch in
+    random order would pull the whole cache into the process's resident memory. Positional
+    reads (``os.pread``) keep it to the rows being read, in any process sharing the reader.
+    """
 
     def __init__(self, header: ShardHeader):
-        dtype, shape, begin, end = header.tensors["features"]
+        self.dtype, self.shape, self._begin, end = header.tensors["features"]
         self.path = header.path
-        if end == begin:  # nothing to map (every video of the range failed)
-            self._map, self.array = None, np.zeros(shape, dtype=dtype)
-            return
-        with open(header.path, "rb") as handle:
-            self._map = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
-        self.array = np.frombuffer(self._map, dtype=dtype, count=int(np.prod(shape)), offset=begin).reshape(shape)
+        self._row_bytes = int(np.prod(self.shape[1:])) * self.dtype.itemsize
+        self._view_bytes = self._row_bytes // self.shape[1] if len(self.shape) > 1 and self.shape[1] else 0
+        self._fd = os.open(self.path, os.O_RDONLY) if end > self._begin else None
 
-    def release(self) -> None:
-        """Unmaps the pages this process touched (they stay in the page cache); later reads map them again."""
-        if self._map is not None and hasattr(mmap, "MADV_DONTNEED"):
-            self._map.madvise(mmap.MADV_DONTNEED)
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __del__(self) -> None:
+        if getattr(self, "_fd", None) is not None:
+            os.close(self._fd)
+
+    def _read(self, offset: int, size: int) -> bytes:
+        data = os.pread(self._fd, size, self._begin + offset)
+        if len(data) != size:
+            raise ShardError(f"{self.path} was cut short while in use ({size} bytes wanted at {offset}, {len(data)} read)")
+        return data
+
+    def read(self, rows: np.ndarray, rest: tuple = ()) -> np.ndarray:
+        """``features[(rows, *rest)]`` in the storage dtype; a leading view slice reads only those views."""
+        if len(rows) and (min(rows) < 0 or max(rows) >= self.shape[0]):
+            raise IndexError(f"rows out of range for the {self.shape[0]} rows of {self.path}")
+        narrowed = bool(rest) and isinstance(rest[0], slice) and rest[0].step in (None, 1)
+        views, rest = (rest[0], (slice(None), *rest[1:])) if narrowed else (slice(None), rest)
+        first, stop, _ = views.indices(self.shape[1])
+        count = max(stop - first, 0)
+        out = np.empty((len(rows), count, *self.shape[2:]), dtype=self.dtype)
+        if count:
+            size = count * self._view_bytes
+            for position, row in enumerate(rows):  # one read per row: rows come in any order
+                offset = int(row) * self._row_bytes + first * self._view_bytes
+                out[position] = np.frombuffer(self._read(offset, size), dtype=self.dtype).reshape(out.shape[1:])
+        return out[(slice(None), *rest)] if rest else out
+
+    def read_all(self) -> np.ndarray:
+        """Every row, in one read."""
+        if self._fd is None:
+            return np.zeros(self.shape, dtype=self.dtype)
+        return np.frombuffer(self._read(0, self.shape[0] * self._row_bytes), dtype=self.dtype).reshape(self.shape).copy()

@@ -186,8 +186,7 @@ def evaluate(model: MotionCLIP, dataset: Dataset, class_names: Sequence[str], *,
     if distributed.rank() == 0:
         broken.report()
     if logits.shape[0] == 0:
-        raise RuntimeError(f"nothing could be read: none of the {len(broken.failed)} videos of the evaluation set"
-                           + (f" (first tried: {broken.failed[min(broken.failed)]})" if broken.failed else ""))
+        raise _nothing_read(f"{len(dataset)} videos of the evaluation set", broken, getattr(dataset, "root", None))
     finite = torch.isfinite(logits).all(dim=1)
     if not finite.all():
         raise NonFiniteError(f"non-finite logits for {int((~finite).sum())} of {len(finite)} videos "
@@ -196,6 +195,13 @@ def evaluate(model: MotionCLIP, dataset: Dataset, class_names: Sequence[str], *,
     metrics = classification_metrics(logits, labels, len(class_names))
     metrics["skipped"] = len(broken.failed)
     return metrics, logits, labels
+
+
+def _nothing_read(videos: str, broken: BrokenVideoLog, root: str | None) -> RuntimeError:
+    """The one-line error of a dataset of which no video could be read."""
+    first = f" (first tried: {broken.failed[min(broken.failed)]})" if broken.failed else ""
+    return RuntimeError(f"nothing could be read: none of the {videos}{first}"
+                        + (f"; root: {os.path.abspath(root)!r}" if root is not None else ""))
 
 
 def _name_videos(dataset: Dataset, indices: Sequence[int], limit: int = 3) -> str:
@@ -289,7 +295,8 @@ class Trainer:
         if not train_set.train:
             raise ValueError("train_set must be in training mode (FeatureDataset(train=True) or a training transform)")
         if len(train_set) == 0:
-            raise ValueError(f"the training set is empty (none of its {len(train_set.failed)} videos could be read)")
+            raise ValueError(f"the training set is empty (none of its {len(getattr(train_set, 'failed', ()))} videos "
+                             "could be read)")
         if isinstance(train_set, VideoDataset):
             train_set.check_found()
         world = distributed.world_size()
@@ -302,7 +309,7 @@ class Trainer:
             raise ValueError(f"amp='fp16' needs a CUDA device, got {self.device}; use amp='bf16' on CPU")
         self.output_dir = os.fspath(output_dir) if output_dir is not None else None
         self.model_info = model_info or {}
-        self.overwrite, self.resumed_from, self._saved_step = overwrite, None, None
+        self.overwrite, self.resumed_from, self._saved_step, self._data_digest = overwrite, None, None, None
         self.local_batch = config.batch_size // world
         self.parameters = model.trainable_parameters()
         if not self.parameters:
@@ -326,7 +333,9 @@ class Trainer:
 
     def run_fingerprint(self) -> dict[str, Any]:
         """What makes a run the same run: digests of the data and classes, the options, the model."""
-        return {"data": self.train_set.fingerprint(), "videos": len(self.train_set), "classes": _digest(self.class_names),
+        if self._data_digest is None:  # the data do not change during a run
+            self._data_digest = self.train_set.fingerprint()
+        return {"data": self._data_digest, "videos": len(self.train_set), "classes": _digest(self.class_names),
                 "config": {k: v for k, v in dataclasses.asdict(self.config).items() if k not in _NOT_IN_RUN},
                 "model": {k: self.model_info.get(k) for k in ("model", "pretrained", "precision", "init_seed")},
                 "head": _digest(dataclasses.asdict(self.model.config))}
@@ -527,7 +536,8 @@ class Trainer:
                 if config.checkpoint_every and self.step % config.checkpoint_every == 0 and self.checkpoint_path():
                     self.save(self.checkpoint_path())
             if offset == 0 and epoch_count == 0:
-                self._nothing_read()
+                raise _nothing_read(f"{len(self.train_set)} training videos", self.broken,
+                                    getattr(self.train_set, "root", None))
             if self.checkpoint_path():
                 self.save(self.checkpoint_path())
             if self.eval_set is not None:
@@ -544,12 +554,6 @@ class Trainer:
         if distributed.rank() == 0:
             self.broken.report()
         return self.history
-
-    def _nothing_read(self) -> None:
-        first = f" (first tried: {self.broken.failed[min(self.broken.failed)]})" if self.broken.failed else ""
-        root = getattr(self.train_set, "root", None)
-        raise RuntimeError(f"nothing could be read: none of the {len(self.train_set)} training videos{first}"
-                           + (f"; root: {os.path.abspath(root)!r}" if root is not None else ""))
 
     def _log_train(self, epoch: int, running: dict[str, float], started: float, bar) -> None:
         count = max(running["count"], 1.0)
