@@ -242,3 +242,29 @@ def test_report_accepts_a_custom_model_config(tmp_path, capsys):
     assert report["parameters"]["total"] == count_parameters(one_layer).total
     two_layers = frame_encoder_flops(mpfast.create_model_and_transforms("mpfast-tiny", num_frames=2)[0].eval(), 2)
     assert report["flops"]["frame_encoder"]["2"]["gflops_fvcore_style"] < two_layers.fvcore / 1e9
+
+
+@pytest.mark.slow
+def test_readme_counts_for_vit_b16_are_what_the_report_counts():
+    """The README's ViT-B/16 numbers (8 frames, 400 classes), as printed there, from the report's counters."""
+    import re
+    from pathlib import Path
+
+    from mpfast.profiling import head_cost, text_encoder_flops_per_class
+
+    readme = " ".join((Path(__file__).resolve().parents[1] / "README.md").read_text().split())
+    claim = readme.split("Counts do not depend on the machine.")[1].split("Speed depends")[0]
+    numbers = [float(x.replace(",", "")) for x in re.findall(r"(\d[\d,]*\.?\d*) (?:M|GFLOPs|per|once|%)", claim)]
+    model, _, _, _ = mpfast.create_model_and_transforms("ViT-B-16", num_frames=8)
+    model.eval()
+    params = count_parameters(model)
+    encoder = frame_encoder_flops(model, 1).fvcore * 8 / 1e9
+    cost = head_cost(model, 8, 400)
+    text = text_encoder_flops_per_class(model).fvcore * 400 / 1e9
+    per_video, per_call = cost.per_video.fvcore / 1e9, cost.per_call.fvcore / 1e9
+    expected = [params.total / 1e6, params.trainable / 1e6, encoder, per_video, 100 * per_video / encoder, per_call, text,
+                100 * text / (encoder + per_video + per_call + text)]
+    assert len(numbers) == len(expected), numbers
+    for stated, counted in zip(numbers, expected):
+        decimals = len(str(stated).split(".")[1]) if "." in str(stated) and not str(stated).endswith(".0") else 0
+        assert round(counted, decimals) == stated, (stated, counted)
