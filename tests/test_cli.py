@@ -174,7 +174,7 @@ for arg in "$@"; do
 done
 echo "$COUNTER" >> "$COUNT_FILE"
 echo "bindings.cpp:3:10: fatal error: no_such_header.h: No such file or directory" >&2
-i=0; while [ $i -lt 200 ]; do echo "note: a long compiler line $i ......................................" >&2; i=$((i+1)); done
+i=0; while [ $i -lt 200 ]; do echo "note: a long compiler line $i ........................" >&2; i=$((i+1)); done
 exit 1
 """
 

@@ -262,8 +262,8 @@ def test_readme_counts_for_vit_b16_are_what_the_report_counts():
     cost = head_cost(model, 8, 400)
     text = text_encoder_flops_per_class(model).fvcore * 400 / 1e9
     per_video, per_call = cost.per_video.fvcore / 1e9, cost.per_call.fvcore / 1e9
-    expected = [params.total / 1e6, params.trainable / 1e6, encoder, per_video, 100 * per_video / encoder, per_call, text,
-                100 * text / (encoder + per_video + per_call + text)]
+    expected = [params.total / 1e6, params.trainable / 1e6, encoder, per_video, 100 * per_video / encoder, per_call,
+                text, 100 * text / (encoder + per_video + per_call + text)]
     assert len(numbers) == len(expected), numbers
     for stated, counted in zip(numbers, expected):
         decimals = len(str(stated).split(".")[1]) if "." in str(stated) and not str(stated).endswith(".0") else 0

@@ -32,7 +32,8 @@ def preprocess_config(clip: nn.Module) -> tuple[int, tuple[float, ...], tuple[fl
     visual = getattr(clip, "visual", None)
     size = getattr(visual, "image_size", None)
     if size is None:
-        raise ValueError(f"cannot tell the input size of {type(clip).__name__}: no visual.image_size (an open_clip model?)")
+        raise ValueError(f"cannot tell the input size of {type(clip).__name__}: "
+                         "no visual.image_size (an open_clip model?)")
     size = size[0] if isinstance(size, (tuple, list)) else size
     mean = getattr(visual, "image_mean", None) or OPENAI_DATASET_MEAN
     std = getattr(visual, "image_std", None) or OPENAI_DATASET_STD
@@ -148,7 +149,8 @@ class VideoTransform:
 
     def __call__(self, video: Tensor) -> Tensor:
         if not isinstance(video, Tensor) or video.dim() != 4:
-            raise ValueError(f"video must be a tensor [T,H,W,3] or [T,3,H,W], got {getattr(video, 'shape', type(video))}")
+            got = getattr(video, "shape", type(video))
+            raise ValueError(f"video must be a tensor [T,H,W,3] or [T,3,H,W], got {got}")
         if video.shape[-1] != 3 and video.shape[1] == 3:
             video = video.permute(0, 2, 3, 1)
         if video.shape[-1] != 3:

@@ -181,7 +181,9 @@ def _class_names(value: str | None, checkpoint: Checkpoint | None) -> list[str]:
 def _register_model(args: argparse.Namespace, info: dict[str, Any]) -> str:
     """Registers ``--model-config`` files and a checkpoint's stored config; returns the model name."""
     registered = [add_model_config(path) for path in args.model_config]
-    name = args.model or info.get("model") or (registered[0] if len(registered) == 1 else DEFAULT_MODEL)
+    if len(registered) > 1 and not (args.model or info.get("model")):
+        raise UsageError(f"--model is needed to choose among the {len(registered)} --model-config files")
+    name = args.model or info.get("model") or (registered[0] if registered else DEFAULT_MODEL)
     stored = info.get("open_clip_config")
     if info.get("model") and stored:
         if info["model"] in registered:
@@ -232,6 +234,8 @@ def _build_model(args: argparse.Namespace, device: torch.device, checkpoint: Che
         model, _, _, _ = create_model_and_transforms(name, pretrained, device=device, precision=precision, **options)
     if checkpoint is not None:
         load_head(model, checkpoint)
+        logger.info("checkpoint head on %s (weights %s, %s, %d frames)", name, pretrained or "random", precision,
+                    options["num_frames"])
     schema = name.startswith(("hf-hub:", "local-dir:"))  # their config lives with the weights
     model_info = {"model": name, "pretrained": pretrained, "precision": precision, "init_seed": init_seed,
                   "open_clip_config": None if schema else open_clip.get_model_config(name)}

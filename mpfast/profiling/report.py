@@ -572,7 +572,8 @@ def flops_breakdown(report: dict) -> list[tuple[str, dict[str, float]]]:
     for frames, encoder in report["flops"]["frame_encoder"].items():
         head = report["flops"]["head"][frames]
         per_video = {"encoder": encoder["gflops_fvcore_style"], "head/video": head["per_video"]["gflops_fvcore_style"]}
-        alone = {**per_video, "head/call": head["per_call"]["gflops_fvcore_style"], "text/list": lists["gflops_fvcore_style"]}
+        alone = {**per_video, "head/call": head["per_call"]["gflops_fvcore_style"],
+                 "text/list": lists["gflops_fvcore_style"]}
         rows.append((f"T={frames}: one video,\nnew class list", alone))
         rows.append((f"T={frames}: per video of a\nlarge batch, list cached", per_video))
     return rows
