@@ -38,6 +38,8 @@ from torch.utils.data import DataLoader
 from ..data.dataset import BrokenVideoLog, VideoDataset, collate_videos, sample_seed
 from . import distributed
 from .checkpoint import atomic_save
+from .files import set_default_mode
+from .progress import advance, video_bar
 
 logger = logging.getLogger("mpfast.engine")
 
@@ -174,12 +176,10 @@ def build_cache(model, dataset: VideoDataset, cache_dir: str | os.PathLike, mode
             values.clear()
 
     model.eval()
-    iterator = loader
-    if progress and rank == 0:
-        from tqdm.auto import tqdm
-        iterator = tqdm(loader, desc="caching features", unit="batch", dynamic_ncols=True)
-    for batch in iterator:
+    bar = video_bar(len(dataset), "caching features") if progress and rank == 0 else None
+    for batch in loader:
         broken.update(batch)
+        advance(bar, (len(batch["index"]) + len(batch["failed"])) * world)
         if batch["video"] is None:
             continue
         video = batch["video"].to(device)
@@ -190,6 +190,8 @@ def build_cache(model, dataset: VideoDataset, cache_dir: str | os.PathLike, mode
         if sum(len(i) for i in buffer["indices"]) >= SHARD_SIZE:
             flush()
     flush()
+    if bar is not None:
+        bar.close()
     failed = {str(k): v for k, v in broken.failed.items()}
     with open(os.path.join(folder, f"part-r{rank:03d}.json"), "w", encoding="utf-8") as handle:
         json.dump({"shards": shards, "failed": failed, "short": broken.short}, handle)
@@ -217,6 +219,7 @@ def _write_json_atomic(path: str, value: Any) -> None:
     handle, temporary = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=os.path.dirname(path))
     with os.fdopen(handle, "w", encoding="utf-8") as out:
         json.dump(value, out, indent=1, default=str)
+    set_default_mode(temporary)  # mkstemp makes 0600 files
     os.replace(temporary, path)
 
 

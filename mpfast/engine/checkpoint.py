@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..model import HeadConfig, MotionCLIP
+from .files import set_default_mode
 
 FORMAT = "mpfast-checkpoint-1"
 
@@ -42,6 +43,7 @@ def atomic_save(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metad
     os.close(handle)
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, temporary, metadata=metadata)
+        set_default_mode(temporary)  # mkstemp and save_file make 0600 files
         with open(temporary, "rb") as written:
             os.fsync(written.fileno())
         os.replace(temporary, path)

@@ -4,8 +4,9 @@ Only ``model.trainable_parameters()`` are optimised (AdamW, linear warm-up then 
 decay, optional AMP and gradient clipping), with cross-entropy over the class logits.
 Batches come from cached features (:class:`mpfast.engine.cache.FeatureDataset`, the
 fast path) or from videos decoded and encoded every step
-(:class:`mpfast.data.VideoDataset`). Progress shows on a tqdm bar with ETA and running
-metrics; metrics go to a JSONL log; resumable checkpoints are written atomically.
+(:class:`mpfast.data.VideoDataset`). Progress shows on a tqdm bar counting videos (rate,
+ETA, running loss), with one line per epoch (train loss and accuracy, validation top-1);
+metrics go to a JSONL log; resumable checkpoints are written atomically.
 
 Determinism: the epoch's sample order comes from ``DistributedSampler(seed, epoch)``
 and each sample's random choices from ``(seed, epoch, index)``, so a resumed run skips
@@ -20,6 +21,7 @@ import json
 import logging
 import math
 import os
+import sys
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -35,6 +37,7 @@ from ..model import MotionCLIP
 from . import distributed
 from .cache import FeatureDataset, collate_features
 from .checkpoint import load_checkpoint, load_head, load_optimizer, restore_rng, save_checkpoint, trainable_module_names
+from .progress import advance, video_bar
 
 logger = logging.getLogger("mpfast.engine")
 
@@ -54,10 +57,10 @@ class TrainConfig:
     amp: str = "none"  # autocast dtype of the head: "none", "bf16" or "fp16" (CUDA only)
     grad_clip: float = 1.0  # max gradient norm; 0 turns clipping off
     seed: int = 0  # seed of the sample order and the per-sample randomness
-    log_every: int = 10  # steps between JSONL/progress updates
+    log_every: int = 10  # steps between JSONL records and progress-bar loss updates
     checkpoint_every: int = 0  # steps between checkpoints (0: at the end of each epoch only)
     num_workers: int = 0  # DataLoader workers
-    progress: bool = True  # show a tqdm progress bar (rank 0)
+    progress: bool = True  # a tqdm bar and one printed line per epoch (rank 0); else the epoch lines are logged
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size"):
@@ -144,20 +147,21 @@ def evaluate(model: MotionCLIP, dataset: Dataset, class_names: Sequence[str], *,
     sampler = DistributedSampler(dataset, num_replicas=distributed.world_size(), rank=distributed.rank(), shuffle=False)
     loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
                         collate_fn=_collate_for(dataset))
-    if progress and distributed.rank() == 0:
-        from tqdm.auto import tqdm
-        loader = tqdm(loader, desc="evaluating", unit="batch", dynamic_ncols=True)
+    bar = video_bar(len(dataset), "evaluating") if progress and distributed.rank() == 0 else None
     broken = BrokenVideoLog()
     if isinstance(dataset, FeatureDataset) and distributed.rank() == 0:
         broken.update({"failed": sorted(dataset.failed.items())})  # left out when the cache was built
     all_logits, all_labels, all_indices = [], [], []
     for batch in loader:
         broken.update(batch)
+        advance(bar, (len(batch["index"]) + len(batch.get("failed", ()))) * distributed.world_size())
         if not _has_rows(batch):
             continue
         all_logits.append(batch_logits(model, batch, class_features, device, amp).cpu())
         all_labels.append(batch["label"])
         all_indices.append(batch["index"])
+    if bar is not None:
+        bar.close()
     width = class_features.shape[0]
     logits = torch.cat(all_logits) if all_logits else torch.zeros(0, width)
     labels = torch.cat(all_labels) if all_labels else torch.zeros(0, dtype=torch.long)
@@ -335,26 +339,56 @@ class Trainer:
         self.step += 1
         return {"loss_sum": totals[0].item(), "correct": totals[1].item(), "count": count}
 
+    def videos_before(self, step: int) -> int:
+        """Training videos (of all processes) in the steps before ``step``: what the progress bar counts."""
+        epoch, offset = divmod(step, self.steps_per_epoch)
+        return epoch * len(self.train_set) + min(offset * self.config.batch_size, len(self.train_set))
+
     def fit(self) -> list[dict[str, Any]]:
-        """Trains until ``epochs`` are done (from the current step); returns the eval records."""
+        """Trains until ``epochs`` are done (from the current step); returns the eval records.
+
+        With ``config.progress`` rank 0 shows a bar counting videos and prints one line per
+        epoch (else the lines go to the log at INFO). The bar is closed however ``fit`` ends
+        (Ctrl-C included), so a message after it starts on its own line.
+        """
+        bar = None
+        if self.config.progress and distributed.rank() == 0:
+            bar = video_bar(self.videos_before(self.total_steps), "training", initial=self.videos_before(self.step))
+        try:
+            return self._fit(bar)
+        finally:
+            if bar is not None:
+                bar.close()
+
+    def _epoch_line(self, epoch: int, totals: dict[str, float], seconds: float, record: dict | None, bar) -> None:
+        count = max(totals["count"], 1.0)
+        line = (f"epoch {epoch + 1}/{self.config.epochs}: train loss {totals['loss_sum'] / count:.4f}, "
+                f"accuracy {totals['correct'] / count:.3f} ({int(totals['count'])} videos, {seconds:.1f} s)")
+        if record is not None:
+            line += (f"; val top-1 {record['top1']:.4f}, top-5 {record['top5']:.4f}, mean class accuracy "
+                     f"{record['mean_class_accuracy']:.4f} ({record['count']} videos)")
+        if bar is not None:
+            bar.write(line, file=sys.stderr)
+        else:
+            logger.info(line)
+
+    def _fit(self, bar) -> list[dict[str, Any]]:
         config = self.config
         class_features = self.model.encode_classes(self.class_names)
-        bar = None
-        if config.progress and distributed.rank() == 0:
-            from tqdm.auto import tqdm
-            bar = tqdm(total=self.total_steps, initial=self.step, desc="training", unit="step", dynamic_ncols=True)
         self.log.start(self.step)
         running = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0}
         started = time.perf_counter()
         while self.step < self.total_steps:
             epoch, offset = divmod(self.step, self.steps_per_epoch)
+            epoch_totals, epoch_started = dict.fromkeys(running, 0.0), time.perf_counter()
             for batch in self._loader(epoch, offset):
                 self.broken.update(batch)
                 result = self.train_step(batch, class_features)
                 for key in running:
                     running[key] += result[key]
+                    epoch_totals[key] += result[key]
                 if bar is not None:
-                    bar.update(1)
+                    bar.update(self.videos_before(self.step) - bar.n)
                 if config.log_every and (self.step % config.log_every == 0 or self.step == self.total_steps):
                     self._log_train(epoch, running, started, bar)
                     running = {key: 0.0 for key in running}
@@ -363,16 +397,15 @@ class Trainer:
                     self.save(self.checkpoint_path())
             if self.checkpoint_path():
                 self.save(self.checkpoint_path())
+            record = None
             if self.eval_set is not None:
                 metrics, _, _ = evaluate(self.model, self.eval_set, self.eval_class_names, batch_size=self.local_batch,
                                          device=self.device, amp=config.amp, num_workers=config.num_workers)
                 record = {"type": "eval", "epoch": epoch, "step": self.step, **metrics}
                 self.log.write(record)
                 self.history.append(record)
-                logger.info("epoch %d: top1 %.4f top5 %.4f mean class accuracy %.4f", epoch, metrics["top1"],
-                            metrics["top5"], metrics["mean_class_accuracy"])
-        if bar is not None:
-            bar.close()
+            if distributed.rank() == 0:
+                self._epoch_line(epoch, epoch_totals, time.perf_counter() - epoch_started, record, bar)
         merge_process_logs(self.broken, self.device)
         if distributed.rank() == 0:
             self.broken.report()

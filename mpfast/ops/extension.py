@@ -291,15 +291,17 @@ def build(kind: str, verbose: bool = False, force: bool = False) -> Path:
             check_metadata(library, kind)
             return _load_library(library, kind)
         _check_toolchain(kind)
+        _check_earlier_failure(kind, folder)
         folder.mkdir(parents=True, exist_ok=True)
         logger.warning("mpfast: compiling the %s extension into %s (first use; about a minute)", kind, folder)
         start = time.perf_counter()
         try:
             path = _compile(kind, folder, verbose)
         except Exception as exc:  # the compiler's message, whatever cpp_extension wraps it in
+            log = _record_failure(kind, folder, f"{type(exc).__name__}: {exc}")
             raise BackendUnavailableError(
-                f"compiling the mpfast {kind} extension failed ({type(exc).__name__}: {_tail(str(exc))}); "
-                f"run `mpfast build -V` to see the compiler output"
+                f"compiling the mpfast {kind} extension failed: {_first_error(str(exc))}; full log: {log}; "
+                f"fix the cause, then `mpfast build --force` retries"
             ) from exc
         seconds = time.perf_counter() - start
         write_metadata(path, kind, seconds)
@@ -308,8 +310,54 @@ def build(kind: str, verbose: bool = False, force: bool = False) -> Path:
         return path
 
 
-def _tail(text: str, lines: int = 12) -> str:
-    return " | ".join(line for line in text.strip().splitlines()[-lines:] if line.strip())
+def _first_error(text: str, limit: int = 240) -> str:
+    """The compiler's first error line (else the last line), shortened: the whole output goes to the log."""
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    errors = [line for line in lines if "error" in line.lower() and not line.lower().startswith("error building")]
+    line = (errors or lines or ["no output"])[0]
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+_FAILURE_FILE = "build-failed.json"  # in the build folder: a failed build is not retried until --force
+
+
+def _toolchain(kind: str) -> dict:
+    """Versions of the compilers a build of ``kind`` uses (the build folder's key holds sources, flags, torch)."""
+    compilers = [os.environ.get("CXX", "c++")] + ([str(cuda_home() / "bin" / "nvcc")] if kind == "cuda" else [])
+    versions = {}
+    for compiler in compilers:
+        try:
+            out = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
+        except (OSError, subprocess.SubprocessError) as exc:
+            out = f"unavailable: {exc}"
+        versions[compiler] = out.strip()
+    return versions
+
+
+def _record_failure(kind: str, folder: Path, output: str) -> Path:
+    """Writes the whole compiler output to ``build.log`` and remembers the failure; returns the log's path."""
+    log = folder / "build.log"
+    log.write_text(output + "\n")
+    record = {"log": str(log), "toolchain": _toolchain(kind),
+              "at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    (folder / _FAILURE_FILE).write_text(json.dumps(record, indent=1) + "\n")
+    return log
+
+
+def _check_earlier_failure(kind: str, folder: Path) -> None:
+    """Raises when these sources, flags and compilers failed to build before (``mpfast build --force`` retries)."""
+    record_file = folder / _FAILURE_FILE
+    if not record_file.is_file():
+        return
+    try:
+        record = json.loads(record_file.read_text())
+    except (OSError, ValueError):
+        return
+    if record.get("toolchain") == _toolchain(kind):
+        raise BackendUnavailableError(
+            f"the {kind} extension failed to build with these sources and compilers at {record.get('at')} "
+            f"(log: {record.get('log')}); not retried: fix the cause, then `mpfast build --force`"
+        )
 
 
 def _compile(kind: str, folder: Path, verbose: bool) -> Path:
