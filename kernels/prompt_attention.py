@@ -125,7 +125,13 @@ def _row_stats(m_i, l_i, w_i):
     return lse, w_i / safe_l
 
 
-@triton.jit
+# Counts that only bound loops and masks along non-contiguous dimensions are not
+# specialised on (a count of 1 or a multiple of 16 would otherwise compile a new variant);
+# HEAD_DIM is, as it masks the contiguous dimension.
+_COUNTS = ["B", "C", "L", "H", "VIDEOS_PER_GROUP"]
+
+
+@triton.jit(do_not_specialize=_COUNTS[1:4])
 def _prompt_attention_fwd_kernel(
     q_ptr, stride_qb, stride_qc, stride_qh, stride_qd,
     k_ptr, stride_kb, stride_kl, stride_kh, stride_kd,
@@ -174,7 +180,7 @@ def _prompt_attention_fwd_kernel(
              out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_COUNTS)
 def _prompt_attention_bwd_kernel(
     grad_out_ptr, stride_gob, stride_goc, stride_goh, stride_god,
     q_ptr, stride_qb, stride_qc, stride_qh, stride_qd,
@@ -274,7 +280,7 @@ def _prompt_attention_bwd_kernel(
              grad_q.to(grad_q_ptr.dtype.element_ty), mask=tile_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_COUNTS[1:4])
 def _prompt_attention_bwd_dkdv_kernel(
     grad_out_ptr, stride_gob, stride_goc, stride_goh, stride_god,
     q_ptr, stride_qb, stride_qc, stride_qh, stride_qd,
