@@ -206,12 +206,13 @@ def _launch_config(streams: int, dim: int, itemsize: int) -> tuple[int, int, int
     """``(BLOCK_T, BLOCK_S, BLOCK_D, num_warps)``.
 
     Every stream in one tile, the width in blocks of ``BLOCK_D``. With one or two streams
-    (the model's case) a warp per 16 elements a thread of a frame's ``[BLOCK_S, BLOCK_D]``
-    tile of m: the warps split only the width, in 16-byte vectors, so frames and streams
-    stay inside a thread and the sums over them need no shared memory; ``BLOCK_T`` frames
-    per loop step then give each thread about ``ELEMENTS_PER_THREAD`` elements of h and m
-    to load at once (half for float64). More streams spread over threads and warps (their
-    sums take shared memory), a frame per step, 8 elements of m per thread.
+    (the model's case) there is one warp per 512 elements of a frame's ``[BLOCK_S,
+    BLOCK_D]`` tile of m (16 a thread), so the warps split only the width, in 16-byte
+    vectors: frames and streams stay inside a thread and the sums over them need no shared
+    memory. ``BLOCK_T`` frames per loop step then give each thread about
+    ``ELEMENTS_PER_THREAD`` elements of h and m to load at once (half for float64). More
+    streams spread over threads and warps (their sums go through shared memory): narrower
+    blocks, 8 elements of m per thread, one frame per step.
     """
     block_s = triton.next_power_of_2(streams)
     if block_s > 2:

@@ -51,7 +51,7 @@ MAX_HEAD_DIM = 256
 # blocks, beyond sm_80's 163 KiB.
 MAX_HEAD_DIM_FLOAT64 = 128
 # Bytes of one query or key tile; the kernels keep four to six of them in shared memory,
-# pipelined up to three deep.
+# pipelined up to two deep.
 MAX_TILE_BYTES = 16 * 1024
 # Key blocks (see _launch_config): up to MAX_BLOCK_L keys in one block of the grad_q
 # kernel, score tiles of about SCORES_PER_TILE elements, BWD_KV_BLOCK_L keys per grad_k/grad_v program.
@@ -97,7 +97,7 @@ def _online_softmax(s, m_i, l_i):
     # One step of the streaming softmax over a key block: the new running maximum and sum,
     # the block's unnormalised probabilities p = exp(s - max) and the factor alpha that
     # rescales whatever was accumulated with the previous maximum. Rows whose keys so far
-    # are all padded keep max = -inf, p = 0 and alpha = 1 (nothing to rescale).
+    # are all padded keep max = -inf, p = 0 and alpha = 0 (nothing accumulated yet).
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     p = tl.exp(s - m_safe[:, None])
@@ -128,10 +128,10 @@ def _row_stats(m_i, l_i, w_i):
 # Counts that only bound loops and masks along non-contiguous dimensions are not
 # specialised on (a count of 1 or a multiple of 16 would otherwise compile a new variant);
 # HEAD_DIM is, as it masks the contiguous dimension.
-_COUNTS = ["B", "C", "L", "H", "VIDEOS_PER_GROUP"]
+_COUNTS = ["C", "L", "H"]
 
 
-@triton.jit(do_not_specialize=_COUNTS[1:4])
+@triton.jit(do_not_specialize=_COUNTS)
 def _prompt_attention_fwd_kernel(
     q_ptr, stride_qb, stride_qc, stride_qh, stride_qd,
     k_ptr, stride_kb, stride_kl, stride_kh, stride_kd,
@@ -180,7 +180,7 @@ def _prompt_attention_fwd_kernel(
              out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
-@triton.jit(do_not_specialize=_COUNTS)
+@triton.jit(do_not_specialize=[*_COUNTS, "B", "VIDEOS_PER_GROUP"])
 def _prompt_attention_bwd_kernel(
     grad_out_ptr, stride_gob, stride_goc, stride_goh, stride_god,
     q_ptr, stride_qb, stride_qc, stride_qh, stride_qd,
@@ -280,7 +280,7 @@ def _prompt_attention_bwd_kernel(
              grad_q.to(grad_q_ptr.dtype.element_ty), mask=tile_ok)
 
 
-@triton.jit(do_not_specialize=_COUNTS[1:4])
+@triton.jit(do_not_specialize=_COUNTS)
 def _prompt_attention_bwd_dkdv_kernel(
     grad_out_ptr, stride_gob, stride_goc, stride_goh, stride_god,
     q_ptr, stride_qb, stride_qc, stride_qh, stride_qd,
