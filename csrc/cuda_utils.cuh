@@ -11,6 +11,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <initializer_list>
 
 #include "mpfast.h"
 
@@ -67,11 +68,15 @@ struct Features {
   int64_t stride[kMaxFeatureDims];
   int64_t numel;
 
+  // Unrolled with static indices: a dynamic index would copy the struct to local memory.
   __device__ __forceinline__ int64_t offset(int64_t f) const {
     int64_t off = 0;
-    for (int i = ndim - 1; i >= 0; --i) {
-      off += (f % size[i]) * stride[i];
-      f /= size[i];
+#pragma unroll
+    for (int i = kMaxFeatureDims - 1; i >= 0; --i) {
+      if (i < ndim) {
+        off += (f % size[i]) * stride[i];
+        f /= size[i];
+      }
     }
     return off;
   }
