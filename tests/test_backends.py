@@ -258,3 +258,61 @@ def test_ops_under_autocast_take_mixed_dtypes():
     with torch.autocast("cpu", dtype=torch.bfloat16):  # float64 is left alone, as autocast does
         out = ops.prompt_attention(q.double(), k.double(), v.double())
     assert out.dtype == torch.float64
+
+
+# ---- a new op from a spec alone (what the issue's fourth op will do) -----------------------
+
+def _unit_rows_ref(x):
+    """``x [N,D] -> (x / |x| per row, |x| [N])``: the norm is a result the backward reuses."""
+    norm = x.norm(dim=-1)
+    return x / norm[:, None], norm
+
+
+def _unit_rows_backward_ref(grad_y, grad_norm, y, norm):
+    return (grad_y - y * (grad_y * y).sum(-1, keepdim=True)) / norm[:, None] + grad_norm[:, None] * y
+
+
+UNIT_ROWS = _spec.OpSpec(
+    name="test_unit_rows",
+    schema="(Tensor x) -> (Tensor y, Tensor norm)",
+    outputs=lambda x: [(x.shape, x.dtype), (x.shape[:1], x.dtype)],
+    grads=lambda grad_y, grad_norm, y, norm: [(y.shape, y.dtype)],
+    differentiable=("x",),
+    saved=("y", "norm"),
+    reference=_unit_rows_ref,
+    reference_backward=_unit_rows_backward_ref,
+    flops=lambda x: 3 * x[0] * x[1],
+)
+unit_rows = _spec.register(UNIT_ROWS)
+
+
+def test_an_op_from_a_spec_alone(monkeypatch):
+    """Schema, fake, autograd with saved results, FLOPs and a filling backend, all from the spec."""
+    x = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
+    torch.library.opcheck(unit_rows, (x,))
+    torch.autograd.gradcheck(lambda t: unit_rows(t), (x,))
+    counter = torch.utils.flop_counter.FlopCounterMode(display=False)
+    with counter:
+        y, norm = unit_rows(x)
+        (y.sum() + norm.sum()).backward()
+    assert counter.get_total_flops() == 3 * 20 + 2 * 3 * 20
+
+    seen = []
+
+    def forward(x, y, norm):  # a fast backend: fills the outputs it is given
+        seen.append(("forward", torch.isnan(y).all().item()))
+        y_ref, norm_ref = _unit_rows_ref(x)
+        y.copy_(y_ref)
+        norm.copy_(norm_ref)
+
+    def backward(grad_y, grad_norm, y, norm, grad_x):
+        seen.append(("backward", torch.isnan(grad_x).all().item()))
+        grad_x.copy_(_unit_rows_backward_ref(grad_y, grad_norm, y, norm))
+
+    use_backend(monkeypatch, Backend("cpp", ("cpu",), lambda: {"test_unit_rows": OpImpl(forward, backward)}))
+    with ops.backend("cpp"), _spec.poison_outputs():
+        y, norm = unit_rows(x)
+        (grad,) = torch.autograd.grad(y.sum() + norm.sum(), x)
+    (want,) = torch.autograd.grad(sum(t.sum() for t in _unit_rows_ref(x)), x)
+    torch.testing.assert_close(grad, want)
+    assert seen == [("forward", True), ("backward", True)]  # outputs arrived poisoned, once each

@@ -26,11 +26,13 @@ Adding an op
    differentiable argument; a ``flops`` function; ``SPEC = OpSpec(...)``;
    ``_op = register(SPEC)``; and the public function, which validates its arguments
    (:mod:`mpfast.ops._common`, raising ``TypeError``/``ValueError`` that name them) and
-   calls ``_op``. Export it in ``mpfast/ops/__init__.py``.
+   calls ``_op``. Export it in ``mpfast/ops/__init__.py``. ``temporal_diff.py`` is the
+   smallest example. A value only the backward needs (a log-sum-exp, a norm) is one more
+   named result, listed in ``saved`` and dropped by the public function.
 2. Fast backends, each with the signatures of the contract: Triton launchers
    ``<op>_fwd(*args, *outputs)`` and ``<op>_bwd(*grads, *saved, *grad_inputs)`` in
-   ``kernels/<op>.py`` (with ``LIMITS`` when they take less than every float dtype and
-   size); C++/CUDA operators ``<op>_fwd``/``<op>_bwd`` defined in ``csrc/bindings.cpp``
+   ``kernels/<op>.py``, decorated with ``@on_tensor_device`` (``kernels/_utils.py``), with
+   ``LIMITS`` when they take less than every float dtype and size; C++/CUDA operators ``<op>_fwd``/``<op>_bwd`` defined in ``csrc/bindings.cpp``
    and implemented in ``csrc/<op>.cpp``/``.cu`` (listed in
    ``mpfast/ops/extension/toolchain.py``). The backends find them by these names.
 3. Tests: ``tests/test_<op>.py`` with the ``backend`` fixture (every backend, outputs
