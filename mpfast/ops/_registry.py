@@ -273,11 +273,14 @@ def resolve(op: str, args: Sequence, device_type: str) -> tuple[str, OpImpl]:
                 if skipped:
                     _log_fallback(op, device_type, name, skipped)
                 return name, impl
-            reason = f"{name} {op} " + "; ".join(refusals) + f" (inputs: {describe(op, args)})"
+            reason = f"{name} {op} " + "; ".join(refusals)
+            if requested != "auto":
+                reason += f" (inputs: {describe(op, args)})"
         if requested != "auto":
             raise BackendUnavailableError(f"mpfast backend {requested!r} cannot run {op} here: {reason}")
         skipped.append(f"{name}: {reason}")
-    raise BackendUnavailableError(f"no mpfast backend can run {op} on {device_type}: " + " | ".join(skipped))
+    raise BackendUnavailableError(f"no mpfast backend can run {op} on {device_type}: " + " | ".join(skipped)
+                                  + f" (inputs: {describe(op, args)})")
 
 
 def _log_fallback(op: str, device_type: str, name: str, skipped: list[str]) -> None:

@@ -32,9 +32,10 @@ Adding an op
 2. Fast backends, each with the signatures of the contract: Triton launchers
    ``<op>_fwd(*args, *outputs)`` and ``<op>_bwd(*grads, *saved, *grad_inputs)`` in
    ``kernels/<op>.py``, decorated with ``@on_tensor_device`` (``kernels/_utils.py``), with
-   ``LIMITS`` when they take less than every float dtype and size; C++/CUDA operators ``<op>_fwd``/``<op>_bwd`` defined in ``csrc/bindings.cpp``
-   and implemented in ``csrc/<op>.cpp``/``.cu`` (listed in
-   ``mpfast/ops/extension/toolchain.py``). The backends find them by these names.
+   ``LIMITS`` when they take less than every float dtype and size; C++/CUDA operators
+   ``<op>_fwd``/``<op>_bwd`` defined in ``csrc/bindings.cpp`` and implemented in
+   ``csrc/<op>.cpp``/``.cu`` (listed in ``mpfast/ops/extension/toolchain.py``). The
+   backends find them by these names.
 3. Tests: ``tests/test_<op>.py`` with the ``backend`` fixture (every backend, outputs
    poisoned) comparing with the reference in float64, and an ``opcheck``.
 Nothing else changes: registration, fake, autograd, FLOP counting, backend choice and
@@ -43,6 +44,7 @@ the reference backend all come from the spec.
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import dataclasses
 import re
@@ -165,16 +167,13 @@ class Signature:
             decl, _, default = decl.partition("=")
             type_, name = decl.rsplit(None, 1)
             args.append((type_, name))
-            defaults.append(_DEFAULTS[default.strip()] if default else None)
+            defaults.append(ast.literal_eval(default.strip()) if default else None)  # None, 1.0, True, [1, 2]
         results = [decl.split() for decl in _split(match.group(2))]
         if not args or args[0][0] != "Tensor":
             raise ValueError(f"{op}: the first argument must be a Tensor, got {schema!r}")
         if any(len(r) != 2 or r[0] != "Tensor" for r in results):
             raise ValueError(f"{op}: results must be named tensors ('-> (Tensor u, Tensor v)'), got {schema!r}")
         return cls(tuple(args), tuple(defaults), tuple(name for _, name in results))
-
-
-_DEFAULTS = {"None": None, "True": True, "False": False}  # the defaults our schemas use
 
 
 def _split(decls: str) -> list[str]:
