@@ -28,12 +28,13 @@ import torch
 import triton
 import triton.language as tl
 
-from mpfast.ops._common import new_output
+from mpfast.ops._registry import Limits
 from mpfast.ops.motion_mix import EPS
 
-from ._utils import acc_dtype, acc_torch_dtype, device_reasons
+from ._utils import SUPPORTED_DTYPES, acc_dtype, acc_torch_dtype, on_tensor_device
 
 MAX_STREAMS = 64
+LIMITS = Limits(SUPPORTED_DTYPES, max_sizes={"streams": MAX_STREAMS})
 # Tiles (see _launch_config): at most MAX_BLOCK_D features (MAX_TILE_D_MANY_STREAMS
 # elements of m per frame beyond two streams) and about ELEMENTS_PER_THREAD elements of h
 # and m per thread and loop step, at most MAX_BLOCK_T frames.
@@ -226,14 +227,11 @@ def _launch_config(streams: int, dim: int, itemsize: int) -> tuple[int, int, int
     return 1 << (rows.bit_length() - 1), block_s, block_d, warps  # BLOCK_T: a power of two <= rows
 
 
-def motion_mix_fwd(h: torch.Tensor, m: torch.Tensor, gate: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``h [B,T,D], m [B,S,T,D], gate [S,D] -> (u [B,T,D], v [B,D], mu [B,D])``."""
+@on_tensor_device
+def motion_mix_fwd(h: torch.Tensor, m: torch.Tensor, gate: torch.Tensor,
+                   u: torch.Tensor, v: torch.Tensor, mu: torch.Tensor) -> None:
+    """Fills ``u [B,T,D], v [B,D], mu [B,D]`` from ``h [B,T,D], m [B,S,T,D], gate [S,D]``."""
     batch, streams, frames, dim = m.shape
-    u = new_output(h.shape, h)
-    v = new_output((batch, dim), h)
-    mu = new_output((batch, dim), h)
-    if u.numel() == 0:
-        return u, v, mu
     pooled = torch.empty((batch, dim), dtype=acc_torch_dtype(h.dtype), device=h.device)
     block_t, block_s, block_d, warps = _launch_config(streams, dim, h.element_size())
     _motion_mix_fwd_kernel[(batch,)](
@@ -247,19 +245,14 @@ def motion_mix_fwd(h: torch.Tensor, m: torch.Tensor, gate: torch.Tensor) -> tupl
         streams, frames, dim,
         ACC=acc_dtype(h.dtype), BLOCK_T=block_t, BLOCK_S=block_s, BLOCK_D=block_d, num_warps=warps,
     )
-    return u, v, mu
 
 
+@on_tensor_device
 def motion_mix_bwd(grad_u: torch.Tensor, grad_v: torch.Tensor, grad_mu: torch.Tensor, h: torch.Tensor,
-                   m: torch.Tensor, gate: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns ``(grad_h [B,T,D], grad_m [B,S,T,D], grad_gate [S,D])``; grads may be strided or expanded."""
+                   m: torch.Tensor, gate: torch.Tensor,
+                   grad_h: torch.Tensor, grad_m: torch.Tensor, grad_gate: torch.Tensor) -> None:
+    """Fills ``grad_h [B,T,D], grad_m [B,S,T,D], grad_gate [S,D]``; incoming grads may be strided or expanded."""
     batch, streams, frames, dim = m.shape
-    grad_h = new_output(h.shape, h)
-    grad_m = new_output(m.shape, m)
-    grad_gate = new_output(gate.shape, gate)
-    if grad_h.numel() == 0:
-        grad_gate.zero_()
-        return grad_h, grad_m, grad_gate
     work_dtype = acc_torch_dtype(h.dtype)
     pooled = torch.empty((batch, dim), dtype=work_dtype, device=h.device)
     gate_partial = torch.empty((batch, streams, dim), dtype=work_dtype, device=h.device)
@@ -279,12 +272,3 @@ def motion_mix_bwd(grad_u: torch.Tensor, grad_v: torch.Tensor, grad_mu: torch.Te
         ACC=acc_dtype(h.dtype), BLOCK_T=block_t, BLOCK_S=block_s, BLOCK_D=block_d, num_warps=warps,
     )
     grad_gate.copy_(gate_partial.sum(0))
-    return grad_h, grad_m, grad_gate
-
-
-def motion_mix_supports(h: torch.Tensor, m: torch.Tensor, gate: torch.Tensor) -> list[str]:
-    """Reasons these forward arguments cannot run on the Triton kernels."""
-    reasons = device_reasons(h=h, m=m, gate=gate)
-    if m.dim() == 4 and m.shape[1] > MAX_STREAMS:
-        reasons.append(f"triton motion_mix takes at most {MAX_STREAMS} motion streams, m has S={m.shape[1]}")
-    return reasons

@@ -42,14 +42,16 @@ import torch
 import triton
 import triton.language as tl
 
-from mpfast.ops._common import new_output
+from mpfast.ops._registry import Limits
 
-from ._utils import acc_dtype, acc_torch_dtype, device_reasons
+from ._utils import SUPPORTED_DTYPES, acc_dtype, acc_torch_dtype, on_tensor_device
 
 MAX_HEAD_DIM = 256
 # float64 tiles of a 256-wide head stay near 200 KiB of shared memory even at the smallest
 # blocks, beyond sm_80's 163 KiB.
 MAX_HEAD_DIM_FLOAT64 = 128
+LIMITS = Limits(SUPPORTED_DTYPES, max_sizes={"head_dim": MAX_HEAD_DIM},
+                max_sizes_by_dtype={torch.float64: {"head_dim": MAX_HEAD_DIM_FLOAT64}})
 # Bytes of one query or key tile; the kernels keep four to six of them in shared memory,
 # pipelined up to two deep.
 MAX_TILE_BYTES = 16 * 1024
@@ -438,14 +440,12 @@ def _dot_flags(dtype: torch.dtype) -> dict:
     return dict(PRECISION="ieee" if upcast or dtype in (torch.float32, torch.float64) else "tf32", DOT_UPCAST=upcast)
 
 
+@on_tensor_device
 def prompt_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-                         key_padding_mask: torch.Tensor | None) -> torch.Tensor:
-    """``q [C,H,d] or [B,C,H,d], k, v [B,L,H,d], mask [B,L]? -> out [B,C,H,d]``."""
+                         key_padding_mask: torch.Tensor | None, out: torch.Tensor) -> None:
+    """Fills ``out [B,C,H,d]`` from ``q [C,H,d] or [B,C,H,d], k, v [B,L,H,d], mask [B,L]?``."""
     batch, keys, heads, head_dim = k.shape
     classes = q.shape[-3]
-    out = new_output((batch, classes, heads, head_dim), q)
-    if out.numel() == 0:
-        return out
     q_args, k_args, v_args, bias_args, scales = _common_args(q, k, v, key_padding_mask, scale)
     config = _launch_config(classes, keys, head_dim, q.dtype)
     grid = (batch * heads, triton.cdiv(classes, config["BLOCK_C"]))
@@ -456,20 +456,16 @@ def prompt_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scal
         classes, keys, heads, head_dim,
         HAS_MASK=key_padding_mask is not None, ACC=acc_dtype(q.dtype), **_dot_flags(q.dtype), **config,
     )
-    return out
 
 
+@on_tensor_device
 def prompt_attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-                         key_padding_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns ``(grad_q, grad_k, grad_v)``; ``grad_q`` has ``q``'s shape (summed over B when shared)."""
+                         key_padding_mask: torch.Tensor | None,
+                         grad_q: torch.Tensor, grad_k: torch.Tensor, grad_v: torch.Tensor) -> None:
+    """Fills ``grad_q`` (``q``'s shape, summed over B when shared), ``grad_k`` and ``grad_v``."""
     batch, keys, heads, head_dim = k.shape
     classes = q.shape[-3]
     shared = q.dim() == 3
-    grad_q = new_output(q.shape, q)
-    grad_k = new_output(k.shape, k)
-    grad_v = new_output(v.shape, v)
-    if grad_out.numel() == 0:
-        return grad_q.zero_(), grad_k.zero_(), grad_v.zero_()
     q_args, k_args, v_args, bias_args, scales = _common_args(q, k, v, key_padding_mask, scale)
     _, grad_q_strides = _as_4d(grad_q)
     lse = torch.empty((batch, heads, classes), dtype=acc_torch_dtype(q.dtype), device=q.device)
@@ -518,15 +514,3 @@ def prompt_attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tenso
         classes, keys, heads, head_dim,
         **flags, **config,
     )
-    return grad_q, grad_k, grad_v
-
-
-def prompt_attention_supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-                              key_padding_mask: torch.Tensor | None = None) -> list[str]:
-    """Reasons these forward arguments cannot run on the Triton kernels."""
-    reasons = device_reasons(q=q, k=k, v=v, key_padding_mask=key_padding_mask)
-    if k.dim() == 4 and k.shape[-1] > MAX_HEAD_DIM:
-        reasons.append(f"triton prompt_attention takes head dims up to {MAX_HEAD_DIM}, got d={k.shape[-1]}")
-    elif k.dim() == 4 and k.dtype == torch.float64 and k.shape[-1] > MAX_HEAD_DIM_FLOAT64:
-        reasons.append(f"triton prompt_attention takes float64 head dims up to {MAX_HEAD_DIM_FLOAT64}, got d={k.shape[-1]}")
-    return reasons

@@ -28,9 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from mpfast.ops._common import new_output
-
-from ._utils import acc_dtype, device_reasons, flatten_features, int_table
+from ._utils import acc_dtype, flatten_features, int_table, on_tensor_device
 
 # One program moves BLOCK_F elements of every tensor it touches: up to 16 per thread, in
 # 16-byte vectors for 16-bit dtypes, so that each SM keeps enough bytes in flight.
@@ -112,12 +110,10 @@ def _table(strides: Sequence[int], frames: int, device: torch.device) -> torch.T
     return int_table(tuple(min(int(k), frames) for k in strides), device)
 
 
-def temporal_diff_fwd(x: torch.Tensor, strides: Sequence[int]) -> torch.Tensor:
-    """``x [B, T, *F] -> [B, S, T, *F]``, ``out[:, s, t] = x[:, t + k_s] - x[:, t]`` (0 past the end)."""
+@on_tensor_device
+def temporal_diff_fwd(x: torch.Tensor, strides: Sequence[int], out: torch.Tensor) -> None:
+    """Fills ``out [B, S, T, *F]`` with ``x[:, t + k_s] - x[:, t]`` (0 past the end) for ``x [B, T, *F]``."""
     batch, frames = x.shape[:2]
-    out = new_output((batch, len(strides), *x.shape[1:]), x)
-    if out.numel() == 0:
-        return out
     x3 = flatten_features(x, 2)
     out4 = out.view(batch, len(strides), frames, -1)
     num_features = x3.shape[2]
@@ -130,15 +126,12 @@ def temporal_diff_fwd(x: torch.Tensor, strides: Sequence[int]) -> torch.Tensor:
         len(strides), frames, num_features,
         ACC=acc_dtype(x.dtype), BLOCK_F=block, num_warps=warps,
     )
-    return out
 
 
-def temporal_diff_bwd(grad: torch.Tensor, strides: Sequence[int]) -> torch.Tensor:
-    """``grad [B, S, T, *F] -> grad_x [B, T, *F]`` (``grad`` may be strided or expanded)."""
+@on_tensor_device
+def temporal_diff_bwd(grad: torch.Tensor, strides: Sequence[int], grad_x: torch.Tensor) -> None:
+    """Fills ``grad_x [B, T, *F]`` from ``grad [B, S, T, *F]`` (which may be strided or expanded)."""
     batch, frames = grad.shape[0], grad.shape[2]
-    grad_x = new_output((batch, *grad.shape[2:]), grad)
-    if grad_x.numel() == 0:
-        return grad_x
     grad4 = flatten_features(grad, 3)
     grad_x3 = grad_x.view(batch, frames, -1)
     num_features = grad4.shape[3]
@@ -151,9 +144,3 @@ def temporal_diff_bwd(grad: torch.Tensor, strides: Sequence[int]) -> torch.Tenso
         len(strides), frames, num_features,
         ACC=acc_dtype(grad.dtype), BLOCK_F=block, num_warps=warps,
     )
-    return grad_x
-
-
-def temporal_diff_supports(x: torch.Tensor, strides: Sequence[int]) -> list[str]:
-    """Reasons these forward arguments cannot run on the Triton kernels (none so far beyond devices)."""
-    return device_reasons(x=x)

@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from mpfast import ops
-from mpfast.ops import _common
+from mpfast.ops import _spec
 from mpfast.ops import motion_mix_ref, prompt_attention_ref, temporal_diff_ref
 
 from .helpers import DTYPES, compare_with_reference
@@ -41,7 +41,7 @@ def triton_kernels(device):
         pytest.skip(reason)
     from mpfast.kernels import motion_mix, prompt_attention, temporal_diff
 
-    with ops.backend("triton"), _common.poison_outputs():
+    with ops.backend("triton"), _spec.poison_outputs():
         yield temporal_diff, motion_mix, prompt_attention
 
 
@@ -192,14 +192,16 @@ def _benchmark_launches() -> list[tuple[str, object, tuple, dict]]:
         def t(*shape):
             return torch.empty(shape, dtype=torch.bfloat16)
 
-        td.temporal_diff_fwd(t(32, 16, 197, 768), [1, 8])
-        td.temporal_diff_bwd(t(32, 2, 16, 197, 768), [1, 8])
-        mm.motion_mix_fwd(t(1024, 16, 768), t(1024, 2, 16, 768), t(2, 768))
+        td.temporal_diff_fwd(t(32, 16, 197, 768), [1, 8], t(32, 2, 16, 197, 768))
+        td.temporal_diff_bwd(t(32, 2, 16, 197, 768), [1, 8], t(32, 16, 197, 768))
+        mm.motion_mix_fwd(t(1024, 16, 768), t(1024, 2, 16, 768), t(2, 768), t(1024, 16, 768), t(1024, 768),
+                          t(1024, 768))
         mm.motion_mix_bwd(t(1024, 16, 768), t(1024, 768), t(1024, 768), t(1024, 16, 768), t(1024, 2, 16, 768),
-                          t(2, 768))
+                          t(2, 768), t(1024, 16, 768), t(1024, 2, 16, 768), t(2, 768))
         q, kv = t(400, 8, 64), t(32, 72, 8, 64)
-        pa.prompt_attention_fwd(q, kv, kv, 0.125, None)
-        pa.prompt_attention_bwd(t(32, 400, 8, 64), q, kv, kv, 0.125, None)
+        pa.prompt_attention_fwd(q, kv, kv, 0.125, None, t(32, 400, 8, 64))
+        pa.prompt_attention_bwd(t(32, 400, 8, 64), q, kv, kv, 0.125, None, t(400, 8, 64), t(32, 72, 8, 64),
+                                t(32, 72, 8, 64))
     finally:
         for (module, name), kernel in originals.items():
             setattr(module, name, kernel)
