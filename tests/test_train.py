@@ -253,7 +253,7 @@ def test_checkpoints_with_non_finite_values_are_neither_written_nor_loaded(tiny_
     for name in list(tensors)[:4]:
         tensors[name] = torch.full_like(tensors[name], float("inf"))
     save_file(tensors, path, metadata=metadata)
-    with pytest.raises(NonFiniteError, match=r"holds inf or NaN in 4 tensor\(s\) \(.* and 1 more\): it comes from a "
+    with pytest.raises(ValueError, match=r"holds inf or NaN in 4 tensor\(s\) \(.* and 1 more\): it comes from a "
                                              "diverged run and cannot be used"):
         load_checkpoint(path)
 

@@ -162,6 +162,6 @@ class BrokenVideoLog:
         return f"{len(self.failed)} video(s) skipped, {self.short} clip(s) from videos shorter than the clip"
 
     def report(self) -> None:
-        """Logs the summary (a warning when any video was skipped)."""
-        (logger.warning if self.failed else logger.info)(self.summary())
+        """Logs the summary (a warning when any video was skipped or shorter than the clip)."""
+        (logger.warning if self.failed or self.short else logger.info)(self.summary())
 

@@ -62,6 +62,8 @@ from torch.utils.data import DataLoader
 
 from ..data.dataset import BrokenVideoLog, VideoDataset, collate_videos, sample_seed
 from . import distributed
+from .files import set_default_mode
+from .progress import advance, video_bar
 from .shards import (STORAGE_DTYPES, ShardError, ShardReader, allow_open_files, check_header, check_shard, read_array,
                      read_header, shard_name, write_shard)
 
@@ -137,6 +139,7 @@ def _write_json_atomic(path: str, value: Any) -> None:
             json.dump(value, out, indent=1, default=str)
             out.flush()
             os.fsync(out.fileno())
+        set_default_mode(temporary)  # mkstemp makes 0600 files
         os.replace(temporary, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -158,6 +161,11 @@ def _read_json(path: str) -> dict[str, Any]:
 
 def _shard_bounds(number: int, count: int, shard_size: int) -> tuple[int, int]:
     return number * shard_size, min((number + 1) * shard_size, count)
+
+
+def _videos_in(meta: dict[str, Any], numbers: Sequence[int]) -> int:
+    """How many videos shards ``numbers`` cover."""
+    return sum(stop - start for start, stop in (_shard_bounds(n, meta["count"], meta["shard_size"]) for n in numbers))
 
 
 def _expected(meta: dict[str, Any], number: int) -> dict[str, Any]:
@@ -433,17 +441,15 @@ def _encode_shards(model, dataset: VideoDataset, folder: str, meta: dict[str, An
     if not batches:
         return
     loader = DataLoader(dataset, batch_sampler=batches, num_workers=num_workers, collate_fn=collate_videos)
-    iterator = loader
-    if progress:
-        from tqdm.auto import tqdm
-        iterator = tqdm(loader, desc=f"caching features (process {distributed.rank()})" if distributed.is_distributed()
-                        else "caching features", unit="batch", dynamic_ncols=True)
+    world = distributed.world_size()
+    bar = video_bar(_videos_in(meta, plan.todo), "caching features") if progress else None  # every process's
     broken = BrokenVideoLog()
     parts: dict[str, list] = {"features": [], "indices": [], "labels": []}
     failed: dict[int, str] = {}
     short = 0
-    for position, batch in enumerate(iterator):
+    for position, batch in enumerate(loader):
         broken.update(batch)
+        advance(bar, (len(batch["index"]) + len(batch["failed"])) * world)
         failed.update(batch["failed"])
         short += batch["short"]
         if batch["video"] is not None:
@@ -458,6 +464,8 @@ def _encode_shards(model, dataset: VideoDataset, folder: str, meta: dict[str, An
             _finish_shard(dataset, folder, meta, plan, number, bounds[number], parts, failed, short)
             parts = {key: [] for key in parts}
             failed, short = {}, 0
+    if bar is not None:
+        bar.close()
     broken.report()
 
 
@@ -550,7 +558,7 @@ def build_cache(model, dataset: VideoDataset, cache_dir: str | os.PathLike, mode
     Raises:
         FileNotFoundError: when none of the videos exists (a wrong root, say).
         CacheError: a damaged shard whose videos can no longer be read.
-        RuntimeError: when no video could be read.
+        ValueError: when no video could be read.
     """
     if dataset.train:
         raise ValueError("cache an evaluation-mode dataset (transform.train=False): training randomness cannot be cached")
@@ -581,11 +589,10 @@ def build_cache(model, dataset: VideoDataset, cache_dir: str | os.PathLike, mode
         cache = FeatureCache(folder, verify=False)
         if rank == 0:
             os.utime(folder)  # last use, for prune_caches(older_than_days=...)
-    cache.built = {"shards": plan.total, "computed": len(plan.todo),
-                   "videos_encoded": sum(min(meta["count"], (n + 1) * shard_size) - n * shard_size for n in plan.todo)}
+    cache.built = {"shards": plan.total, "computed": len(plan.todo), "videos_encoded": _videos_in(meta, plan.todo)}
     if not len(cache):
         first = min(cache.failed)
-        raise RuntimeError(f"nothing could be read: none of the {len(dataset)} videos of the list (first tried: "
+        raise ValueError(f"nothing could be read: none of the {len(dataset)} videos of the list (first tried: "
                            f"{cache.failed[first]}); root: {os.path.abspath(dataset.root)!r}")
     return cache
 

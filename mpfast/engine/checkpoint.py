@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..model import HeadConfig, MotionCLIP
+from .files import set_default_mode
 
 FORMAT = "mpfast-checkpoint-1"
 
@@ -57,6 +58,7 @@ def atomic_save(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metad
     os.close(handle)
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, temporary, metadata=metadata)
+        set_default_mode(temporary)  # mkstemp and save_file make 0600 files
         with open(temporary, "rb") as written:
             os.fsync(written.fileno())
         os.replace(temporary, path)
@@ -147,7 +149,7 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
         raise ValueError(f"{path!r} is not an mpfast checkpoint (format {metadata.get('format')!r}, expected {FORMAT!r})")
     bad = non_finite_names({k: v for k, v in tensors.items() if not k.startswith("rng.")})
     if bad:
-        raise NonFiniteError(f"checkpoint {path!r} holds inf or NaN in {len(bad)} tensor(s) ({_describe_names(bad)}): "
+        raise ValueError(f"checkpoint {path!r} holds inf or NaN in {len(bad)} tensor(s) ({_describe_names(bad)}): "
                              "it comes from a diverged run and cannot be used; take an earlier checkpoint or train again")
     config = HeadConfig.from_options(**json.loads(metadata["head_config"]))
     head, optimizer, rng = {}, {}, {}

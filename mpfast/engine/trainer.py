@@ -4,8 +4,9 @@ Only ``model.trainable_parameters()`` are optimised (AdamW, linear warm-up then 
 decay, optional AMP and gradient clipping), with cross-entropy over the class logits.
 Batches come from cached features (:class:`mpfast.engine.cache.FeatureDataset`, the
 fast path) or from videos decoded and encoded every step
-(:class:`mpfast.data.VideoDataset`). Progress shows on a tqdm bar with ETA and running
-metrics; metrics go to a JSONL log; resumable checkpoints are written atomically.
+(:class:`mpfast.data.VideoDataset`). Progress shows on a tqdm bar counting videos (rate,
+ETA, running loss), with one line per epoch (train loss and accuracy, validation top-1);
+metrics go to a JSONL log; resumable checkpoints are written atomically.
 
 Nothing silently wrong: a non-finite loss or gradient stops the run before the step is
 taken, naming the step and the batch's videos; a run already in the output folder is
@@ -27,6 +28,7 @@ import json
 import logging
 import math
 import os
+import sys
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -44,6 +46,7 @@ from . import distributed
 from .cache import FeatureDataset, collate_features
 from .checkpoint import (NonFiniteError, load_checkpoint, load_head, load_optimizer, restore_rng, save_checkpoint,
                          trainable_module_names)
+from .progress import advance, video_bar
 
 logger = logging.getLogger("mpfast.engine")
 
@@ -66,10 +69,10 @@ class TrainConfig:
     amp: str = "none"  # autocast dtype of the head: "none", "bf16" or "fp16" (CUDA only)
     grad_clip: float = 1.0  # max gradient norm; 0 turns clipping off
     seed: int = 0  # seed of the sample order and the per-sample randomness
-    log_every: int = 10  # steps between JSONL/progress updates
+    log_every: int = 10  # steps between JSONL records and progress-bar loss updates
     checkpoint_every: int = 0  # steps between checkpoints (0: at the end of each epoch only)
     num_workers: int = 0  # DataLoader workers
-    progress: bool = True  # show a tqdm progress bar (rank 0)
+    progress: bool = True  # a tqdm bar and one printed line per epoch (rank 0); else the epoch lines are logged
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size"):
@@ -158,20 +161,21 @@ def evaluate(model: MotionCLIP, dataset: Dataset, class_names: Sequence[str], *,
     sampler = DistributedSampler(dataset, num_replicas=distributed.world_size(), rank=distributed.rank(), shuffle=False)
     loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
                         collate_fn=_collate_for(dataset))
-    if progress and distributed.rank() == 0:
-        from tqdm.auto import tqdm
-        loader = tqdm(loader, desc="evaluating", unit="batch", dynamic_ncols=True)
+    bar = video_bar(len(dataset), "evaluating") if progress and distributed.rank() == 0 else None
     broken = BrokenVideoLog()
     if isinstance(dataset, FeatureDataset) and distributed.rank() == 0:
         broken.update({"failed": sorted(dataset.failed.items())})  # left out when the cache was built
     all_logits, all_labels, all_indices = [], [], []
     for batch in loader:
         broken.update(batch)
+        advance(bar, (len(batch["index"]) + len(batch.get("failed", ()))) * distributed.world_size())
         if not _has_rows(batch):
             continue
         all_logits.append(batch_logits(model, batch, class_features, device, amp).cpu())
         all_labels.append(batch["label"])
         all_indices.append(batch["index"])
+    if bar is not None:
+        bar.close()
     width = class_features.shape[0]
     logits = torch.cat(all_logits) if all_logits else torch.zeros(0, width)
     labels = torch.cat(all_labels) if all_labels else torch.zeros(0, dtype=torch.long)
@@ -198,9 +202,9 @@ def evaluate(model: MotionCLIP, dataset: Dataset, class_names: Sequence[str], *,
 
 
 def _nothing_read(videos: str, broken: BrokenVideoLog, root: str | None) -> RuntimeError:
-    """The one-line error of a dataset of which no video could be read."""
+    """The one-line error of a dataset of which no video could be read (an input error, like an unreadable video)."""
     first = f" (first tried: {broken.failed[min(broken.failed)]})" if broken.failed else ""
-    return RuntimeError(f"nothing could be read: none of the {videos}{first}"
+    return ValueError(f"nothing could be read: none of the {videos}{first}"
                         + (f"; root: {os.path.abspath(root)!r}" if root is not None else ""))
 
 
@@ -495,61 +499,84 @@ class Trainer:
             if name.startswith(".tmp-") or replaced:
                 os.remove(os.path.join(self.output_dir, name))
 
+    def videos_before(self, step: int) -> int:
+        """Training videos (of all processes) in the steps before ``step``: what the progress bar counts."""
+        epoch, offset = divmod(step, self.steps_per_epoch)
+        return epoch * len(self.train_set) + min(offset * self.config.batch_size, len(self.train_set))
+
     def fit(self) -> list[dict[str, Any]]:
         """Trains until ``epochs`` are done (from the current step); returns the eval records.
 
         Refuses to start when ``output_dir`` holds another run (:func:`check_output_dir`) or
         another process trains into it; ends with a checkpoint of the final state. A
         non-finite loss or gradient raises :class:`NonFiniteError` before its step is taken.
+
+        With ``config.progress`` rank 0 shows a bar counting videos and prints one line per
+        epoch (else the lines go to the log at INFO). The bar is closed however ``fit`` ends
+        (Ctrl-C included), so a message after it starts on its own line.
         """
         with self._claim_output():
-            history = self._fit()
+            bar = None
+            if self.config.progress and distributed.rank() == 0:
+                bar = video_bar(self.videos_before(self.total_steps), "training", initial=self.videos_before(self.step))
+            try:
+                history = self._fit(bar)
+            finally:
+                if bar is not None:
+                    bar.close()
             if self.checkpoint_path() and self._saved_step != self.step:
                 self.save(self.checkpoint_path())  # e.g. a finished run resumed into a new folder
             return history
 
-    def _fit(self) -> list[dict[str, Any]]:
+    def _epoch_line(self, epoch: int, totals: dict[str, float], seconds: float, record: dict | None, bar) -> None:
+        count = max(totals["count"], 1.0)
+        line = (f"epoch {epoch + 1}/{self.config.epochs}: train loss {totals['loss_sum'] / count:.4f}, "
+                f"accuracy {totals['correct'] / count:.3f} ({int(totals['count'])} videos, {seconds:.1f} s)")
+        if record is not None:
+            line += (f"; val top-1 {record['top1']:.4f}, top-5 {record['top5']:.4f}, mean class accuracy "
+                     f"{record['mean_class_accuracy']:.4f} ({record['count']} videos)")
+        if bar is not None:
+            bar.write(line, file=sys.stderr)
+        else:
+            logger.info(line)
+
+    def _fit(self, bar) -> list[dict[str, Any]]:
         config = self.config
         class_features = self.model.encode_classes(self.class_names)
-        bar = None
-        if config.progress and distributed.rank() == 0:
-            from tqdm.auto import tqdm
-            bar = tqdm(total=self.total_steps, initial=self.step, desc="training", unit="step", dynamic_ncols=True)
         self.log.start(self.step)
         running = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0}
         started = time.perf_counter()
         while self.step < self.total_steps:
             epoch, offset = divmod(self.step, self.steps_per_epoch)
-            epoch_count = 0.0
+            epoch_totals, epoch_started = dict.fromkeys(running, 0.0), time.perf_counter()
             for batch in self._loader(epoch, offset):
                 self.broken.update(batch)
                 result = self.train_step(batch, class_features)
-                epoch_count += result["count"]
                 for key in running:
                     running[key] += result[key]
+                    epoch_totals[key] += result[key]
                 if bar is not None:
-                    bar.update(1)
+                    bar.update(self.videos_before(self.step) - bar.n)
                 if config.log_every and (self.step % config.log_every == 0 or self.step == self.total_steps):
                     self._log_train(epoch, running, started, bar)
                     running = {key: 0.0 for key in running}
                     started = time.perf_counter()
                 if config.checkpoint_every and self.step % config.checkpoint_every == 0 and self.checkpoint_path():
                     self.save(self.checkpoint_path())
-            if offset == 0 and epoch_count == 0:
+            if offset == 0 and epoch_totals["count"] == 0:
                 raise _nothing_read(f"{len(self.train_set)} training videos", self.broken,
                                     getattr(self.train_set, "root", None))
             if self.checkpoint_path():
                 self.save(self.checkpoint_path())
+            record = None
             if self.eval_set is not None:
                 metrics, _, _ = evaluate(self.model, self.eval_set, self.eval_class_names, batch_size=self.local_batch,
                                          device=self.device, amp=config.amp, num_workers=config.num_workers)
                 record = {"type": "eval", "epoch": epoch, "step": self.step, **metrics}
                 self.log.write(record)
                 self.history.append(record)
-                logger.info("epoch %d: top1 %.4f top5 %.4f mean class accuracy %.4f", epoch, metrics["top1"],
-                            metrics["top5"], metrics["mean_class_accuracy"])
-        if bar is not None:
-            bar.close()
+            if distributed.rank() == 0:
+                self._epoch_line(epoch, epoch_totals, time.perf_counter() - epoch_started, record, bar)
         merge_process_logs(self.broken, self.device)
         if distributed.rank() == 0:
             self.broken.report()
