@@ -128,10 +128,6 @@ def cache_key(description: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(description, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
-def cache_folder(cache_dir: str | os.PathLike, description: dict[str, Any]) -> str:
-    return os.path.join(os.fspath(cache_dir), cache_key(description))
-
-
 def _write_json_atomic(path: str, value: Any) -> None:
     handle, temporary = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=os.path.dirname(path))
     try:

@@ -1,4 +1,4 @@
-"""Feature-cache shard files: safetensors written atomically, checked, memory-mapped.
+"""Feature-cache shard files: safetensors written atomically, checked, read row by row.
 
 A shard holds the frame features of one range of a video list, ``[start, stop)``:
 ``features`` ``[n, V, T, D]`` (float16 or float32) of the ``n`` videos that could be
