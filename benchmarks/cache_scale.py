@@ -9,6 +9,7 @@ into RAM first (``ram``). It reports, for each, the time to open, the epoch's th
 (videos/s) and how much the process's resident memory grew beyond what it held before
 opening the cache (peak, ``VmHWM``), and deletes the cache unless ``--keep``.
 ``--max-growth-gb`` (default 1) makes the run fail when the ``disk`` epoch grows by more.
+``--loader-only`` reads the epoch's batches without training: what the cache alone costs.
 
 The head is MotionCLIP's on a CLIP with D=512 whose towers are tiny (only the class
 embeddings come from the text tower, once), so the step costs what the head costs;
@@ -85,12 +86,16 @@ def _reset_peak() -> bool:
         return False
 
 
-def run_epoch(folder: str, mode: str, classes: int, batch_size: int, threads: int, device: str) -> dict:
-    """In this process: open the cache (``mode`` "disk" or "ram"), train one epoch, measure."""
+def run_epoch(folder: str, mode: str, classes: int, batch_size: int, threads: int, device: str,
+              loader_only: bool = False) -> dict:
+    """In this process: open the cache (``mode`` "disk" or "ram"), train one epoch (or only read its batches), measure."""
     import open_clip
+
+    from torch.utils.data import DataLoader
 
     from mpfast import create_model_and_transforms
     from mpfast.engine import FeatureCache, FeatureDataset, TrainConfig, Trainer
+    from mpfast.engine.cache import collate_features
 
     torch.set_num_threads(threads)
     with tempfile.TemporaryDirectory() as configs:
@@ -110,13 +115,19 @@ def run_epoch(folder: str, mode: str, classes: int, batch_size: int, threads: in
         cache = cache.in_memory()
     opened = time.perf_counter() - started
     after_open = _status_bytes("VmRSS")
-    trainer = Trainer(model, names, FeatureDataset(cache, train=True),
-                      TrainConfig(epochs=1, batch_size=batch_size, progress=False, log_every=0), device=device)
+    dataset = FeatureDataset(cache, train=True)
     started = time.perf_counter()
-    trainer.fit()
+    if loader_only:  # the batches of an epoch in random order, as training reads them, and nothing else
+        generator = torch.Generator().manual_seed(0)
+        for _ in DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=generator,
+                            collate_fn=collate_features):
+            pass
+    else:
+        Trainer(model, names, dataset, TrainConfig(epochs=1, batch_size=batch_size, progress=False, log_every=0),
+                device=device).fit()
     seconds = time.perf_counter() - started
     peak = _status_bytes("VmHWM")
-    return {"mode": mode, "device": device, "videos": len(cache), "open_s": round(opened, 2), "epoch_s": round(seconds, 2),
+    return {"mode": mode, "work": "batches only" if loader_only else "training", "device": device, "videos": len(cache), "open_s": round(opened, 2), "epoch_s": round(seconds, 2),
             "videos_per_s": round(len(cache) / seconds, 1), "rss_before_gb": round(before / 2**30, 3),
             "growth_after_open_gb": round((after_open - before) / 2**30, 3),
             "peak_growth_gb": round((peak - before) / 2**30, 3) if peak_reset else None,
@@ -134,13 +145,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where the head trains")
     parser.add_argument("--dir", default=".", help="where the cache is written (needs the space: see the docstring)")
     parser.add_argument("--modes", default="disk,ram", help="comma-separated: disk, ram")
+    parser.add_argument("--loader-only", action="store_true",
+                        help="read the epoch's batches without training: the cost of the cache alone")
     parser.add_argument("--keep", action="store_true", help="keep the cache (reused by a later run with the same sizes)")
     parser.add_argument("--max-growth-gb", type=float, default=1.0, help="fail when the disk epoch grows RSS by more")
     parser.add_argument("--run", choices=("disk", "ram"), help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.run:
-        print(json.dumps(run_epoch(args.folder, args.run, args.classes, args.batch_size, args.threads, args.device)))
+        print(json.dumps(run_epoch(args.folder, args.run, args.classes, args.batch_size, args.threads, args.device,
+                                   args.loader_only)))
         return 0
 
     size = args.videos * args.frames * args.dim * 2
@@ -157,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         for mode in args.modes.split(","):
             command = [sys.executable, "-m", "benchmarks.cache_scale", "--run", mode, "--folder", folder,
                        "--classes", str(args.classes), "--batch-size", str(args.batch_size), "--threads", str(args.threads),
-                       "--device", args.device]
+                       "--device", args.device] + (["--loader-only"] if args.loader_only else [])
             done = subprocess.run(command, capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(
                 os.path.abspath(__file__))))
             if done.returncode:
@@ -167,11 +181,11 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if not args.keep:
             shutil.rmtree(cache_dir, ignore_errors=True)
-    print(f"| cache | open (s) | epoch (s) | videos/s | RSS growth, peak (GB) | after open (GB) |\n"
-          f"| --- | ---: | ---: | ---: | ---: | ---: |")
+    print(f"| cache | epoch of | open (s) | epoch (s) | videos/s | RSS growth, peak (GB) | after open (GB) |\n"
+          f"| --- | --- | ---: | ---: | ---: | ---: | ---: |")
     for r in results:
-        print(f"| {r['mode']} | {r['open_s']} | {r['epoch_s']} | {r['videos_per_s']} | {r['peak_growth_gb']} | "
-              f"{r['growth_after_open_gb']} |")
+        print(f"| {r['mode']} | {r['work']} | {r['open_s']} | {r['epoch_s']} | {r['videos_per_s']} | "
+              f"{r['peak_growth_gb']} | {r['growth_after_open_gb']} |")
     print(json.dumps({"videos": args.videos, "bytes": size, "write_s": round(written, 1), "runs": results,
                       "machine": {"cpus": os.cpu_count(), "torch": torch.__version__, "threads": args.threads,
                                   "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"}}))
