@@ -88,7 +88,7 @@ def _reset_peak() -> bool:
 
 def run_epoch(folder: str, mode: str, classes: int, batch_size: int, threads: int, device: str,
               loader_only: bool = False) -> dict:
-    """In this process: open the cache (``mode`` "disk" or "ram"), train one epoch (or only read its batches), measure."""
+    """In this process: open the cache (``mode`` "disk" or "ram"), train one epoch (or read its batches), measure."""
     import open_clip
 
     from torch.utils.data import DataLoader
@@ -127,7 +127,8 @@ def run_epoch(folder: str, mode: str, classes: int, batch_size: int, threads: in
                 device=device).fit()
     seconds = time.perf_counter() - started
     peak = _status_bytes("VmHWM")
-    return {"mode": mode, "work": "batches only" if loader_only else "training", "device": device, "videos": len(cache), "open_s": round(opened, 2), "epoch_s": round(seconds, 2),
+    return {"mode": mode, "work": "batches only" if loader_only else "training", "device": device,
+            "videos": len(cache), "open_s": round(opened, 2), "epoch_s": round(seconds, 2),
             "videos_per_s": round(len(cache) / seconds, 1), "rss_before_gb": round(before / 2**30, 3),
             "growth_after_open_gb": round((after_open - before) / 2**30, 3),
             "peak_growth_gb": round((peak - before) / 2**30, 3) if peak_reset else None,
@@ -142,12 +143,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--classes", type=int, default=16, help="classes C of the head (its cost grows with C)")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--threads", type=int, default=min(4, os.cpu_count() or 1), help="torch threads")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where the head trains")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="where the head trains")
     parser.add_argument("--dir", default=".", help="where the cache is written (needs the space: see the docstring)")
     parser.add_argument("--modes", default="disk,ram", help="comma-separated: disk, ram")
     parser.add_argument("--loader-only", action="store_true",
                         help="read the epoch's batches without training: the cost of the cache alone")
-    parser.add_argument("--keep", action="store_true", help="keep the cache (reused by a later run with the same sizes)")
+    parser.add_argument("--keep", action="store_true",
+                        help="keep the cache (reused by a later run with the same sizes)")
     parser.add_argument("--max-growth-gb", type=float, default=1.0, help="fail when the disk epoch grows RSS by more")
     parser.add_argument("--run", choices=("disk", "ram"), help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
@@ -170,8 +173,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for mode in args.modes.split(","):
             command = [sys.executable, "-m", "benchmarks.cache_scale", "--run", mode, "--folder", folder,
-                       "--classes", str(args.classes), "--batch-size", str(args.batch_size), "--threads", str(args.threads),
-                       "--device", args.device] + (["--loader-only"] if args.loader_only else [])
+                       "--classes", str(args.classes), "--batch-size", str(args.batch_size),
+                       "--threads", str(args.threads), "--device", args.device]
+            command += ["--loader-only"] if args.loader_only else []
             done = subprocess.run(command, capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(
                 os.path.abspath(__file__))))
             if done.returncode:
@@ -188,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['peak_growth_gb']} | {r['growth_after_open_gb']} |")
     print(json.dumps({"videos": args.videos, "bytes": size, "write_s": round(written, 1), "runs": results,
                       "machine": {"cpus": os.cpu_count(), "torch": torch.__version__, "threads": args.threads,
-                                  "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"}}))
+                                  "device": (torch.cuda.get_device_name() if args.device.startswith("cuda")
+                                             else "cpu")}}))
     disk = [r for r in results if r["mode"] == "disk"]
     if disk and (disk[0]["peak_growth_gb"] or disk[0]["end_growth_gb"]) > args.max_growth_gb:
         print(f"error: resident memory grew by more than {args.max_growth_gb} GB", file=sys.stderr)

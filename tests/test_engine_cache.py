@@ -93,7 +93,8 @@ def test_cache_holds_the_encoded_views_and_skips_broken_videos(data, model, tmp_
 def test_float16_is_the_default_and_within_its_rounding_of_float32(data, model, tmp_path, tiny_model_name):
     half = _build(model, data, tmp_path, tiny_model_name)
     full = _build(model, data, tmp_path, tiny_model_name, dtype="float32")
-    assert half.folder != full.folder and half.meta["dtype"] == "float16" and half.features.storage_dtype == torch.float16
+    assert half.folder != full.folder and half.meta["dtype"] == "float16"
+    assert half.features.storage_dtype == torch.float16
     a, b = half.features[:], full.features[:]
     assert a.dtype == torch.float32 and not torch.equal(a, b)
     torch.testing.assert_close(a, b, rtol=2**-11, atol=2**-24)  # float16 rounding, nothing more
@@ -272,7 +273,8 @@ def test_a_list_of_which_nothing_exists_fails_in_one_line(data, model, tmp_path,
         build_cache(model, _dataset(data, root=tmp_path / "nowhere"), tmp_path, tiny_model_name)
     message = str(error.value)
     assert "\n" not in message and "none of the 9 videos" in message
-    assert f"first tried: '{tmp_path / 'nowhere' / 'videos'}" in message and f"root: '{tmp_path / 'nowhere'}'" in message
+    assert f"first tried: '{tmp_path / 'nowhere' / 'videos'}" in message
+    assert f"root: '{tmp_path / 'nowhere'}'" in message
     assert os.listdir(tmp_path) == []  # nothing written
 
 

@@ -168,8 +168,8 @@ def test_kill_9_at_random_points_of_cache_loses_only_unfinished_shards(data, tmp
 
 def _train_args(data, cache_dir, output, *extra):
     return ["train", *MODEL, "--train-list", data["train"], "--classes", data["classes"], "--cache-dir", str(cache_dir),
-            "--output", str(output), "--epochs", "3", "--batch-size", "4", "--checkpoint-every", "1", "--log-every", "1",
-            "--lr", "0.01", *extra]
+            "--output", str(output), "--epochs", "3", "--batch-size", "4", "--checkpoint-every", "1",
+            "--log-every", "1", "--lr", "0.01", *extra]
 
 
 def _steps(output):
@@ -198,7 +198,8 @@ def test_kill_9_at_random_points_of_train_then_resume_is_exact(data, tmp_path, m
         process.wait()
         if checkpoint.exists():
             load_checkpoint(checkpoint)  # whole and finite after any kill
-    extra = ["--resume", str(output / "last.safetensors")] if (output / "last.safetensors").exists() else ["--overwrite"]
+    checkpoint = output / "last.safetensors"
+    extra = ["--resume", str(checkpoint)] if checkpoint.exists() else ["--overwrite"]
     rc, report, log = _finish(_start(_train_args(data, cache_dir, output, *extra), tmp_path / "log"), tmp_path / "log")
     assert rc == 0, log[-2000:]
     assert report["steps"] == 9 and os.path.exists(report["checkpoint"])
@@ -270,8 +271,9 @@ def test_videos_that_exist_but_cannot_be_read_fail_in_one_line(tmp_path, capsys)
         (tmp_path / name).write_bytes(b"junk")
     (tmp_path / "list.txt").write_text("a.mp4 0\nb.mp4 1\n")
     (tmp_path / "classes.csv").write_text("id,name\n0,x\n1,y\n")
-    assert main(["train", *MODEL, "--train-list", str(tmp_path / "list.txt"), "--classes", str(tmp_path / "classes.csv"),
-                 "--output", str(tmp_path / "run"), "--batch-size", "2", "--epochs", "2"]) == 2
+    assert main(["train", *MODEL, "--train-list", str(tmp_path / "list.txt"), "--classes",
+                 str(tmp_path / "classes.csv"), "--output", str(tmp_path / "run"), "--batch-size", "2",
+                 "--epochs", "2"]) == 2
     error = _error(capsys, "train")
     assert "nothing could be read: none of the 2 training videos (first tried: cannot read video" in error
     assert f"a.mp4" in error and f"root: '{tmp_path}'" in error
@@ -306,7 +308,8 @@ def test_cache_command_lists_and_prunes(data, tmp_path, capsys):
     os.utime(video, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
     try:
         assert main(["cache", "--cache-dir", str(cache_dir), "--prune", "--dry-run"]) == 0
-        assert [c["state"] for c in json.loads(capsys.readouterr().out)["pruned"]] == ["stale"] and os.path.isdir(folder)
+        assert [c["state"] for c in json.loads(capsys.readouterr().out)["pruned"]] == ["stale"]
+        assert os.path.isdir(folder)
         assert main(["cache", "--cache-dir", str(cache_dir), "--prune"]) == 0
         assert not os.path.exists(folder)
     finally:

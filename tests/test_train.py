@@ -47,6 +47,10 @@ class Interrupted(Exception):
     pass
 
 
+def _logged_steps(output) -> list[int]:
+    return [json.loads(line)["step"] for line in (output / "metrics.jsonl").read_text().splitlines()]
+
+
 def test_resume_continues_exactly(tiny_model_name, tmp_path):
     cache = _features()
     reference_model = _model(tiny_model_name)
@@ -148,8 +152,8 @@ def test_a_run_in_the_output_folder_is_never_overwritten(tiny_model_name, tmp_pa
     first.fit()
     before = {name: (tmp_path / name).read_bytes() for name in ("last.safetensors", "metrics.jsonl")}
     with pytest.raises(FileExistsError, match=rf"--output '{tmp_path}' already holds a run \(last.safetensors, "
-                                              rf"metrics.jsonl\): pass --resume {tmp_path}/last.safetensors to continue "
-                                              "it, --overwrite to replace it, or choose another --output"):
+                                              rf"metrics.jsonl\): pass --resume {tmp_path}/last.safetensors to "
+                                              "continue it, --overwrite to replace it, or choose another --output"):
         _trainer(_model(tiny_model_name), _features(), tmp_path, epochs=2).fit()
     assert {name: (tmp_path / name).read_bytes() for name in before} == before
     (tmp_path / "last.safetensors").unlink()  # a run killed before its first checkpoint: its metrics remain
@@ -158,7 +162,7 @@ def test_a_run_in_the_output_folder_is_never_overwritten(tiny_model_name, tmp_pa
     replaced = _trainer(_model(tiny_model_name), _features(), tmp_path, epochs=2, overwrite=True)
     replaced.fit()
     assert load_checkpoint(tmp_path / "last.safetensors").train_state["step"] == 6
-    assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == list(range(1, 7))
+    assert _logged_steps(tmp_path) == list(range(1, 7))
 
 
 def test_two_trainers_never_share_an_output_folder(tiny_model_name, tmp_path):
@@ -175,9 +179,10 @@ def test_resuming_a_finished_run_into_a_new_folder_writes_its_checkpoint(tiny_mo
     resumed.resume(tmp_path / "a" / "last.safetensors")
     resumed.fit()
     assert resumed.step == finished.step == 3
-    assert load_file(tmp_path / "b" / "last.safetensors").keys() == load_file(tmp_path / "a" / "last.safetensors").keys()
-    for name, tensor in load_checkpoint(tmp_path / "a" / "last.safetensors").head.items():
-        assert torch.equal(tensor, load_checkpoint(tmp_path / "b" / "last.safetensors").head[name])
+    first, second = tmp_path / "a" / "last.safetensors", tmp_path / "b" / "last.safetensors"
+    assert load_file(second).keys() == load_file(first).keys()
+    for name, tensor in load_checkpoint(first).head.items():
+        assert torch.equal(tensor, load_checkpoint(second).head[name])
 
 
 def test_a_metrics_log_cut_short_by_a_crash_is_tolerated(tiny_model_name, tmp_path, caplog):
@@ -199,7 +204,7 @@ def test_a_metrics_log_cut_short_by_a_crash_is_tolerated(tiny_model_name, tmp_pa
     resumed.resume(tmp_path / "last.safetensors")
     resumed.fit()
     assert "metrics.jsonl:5 is not a complete record" in caplog.text
-    assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == list(range(1, 7))
+    assert _logged_steps(tmp_path) == list(range(1, 7))
 
 
 def _nan_at(row, count=12):
@@ -244,7 +249,8 @@ def test_checkpoints_with_non_finite_values_are_neither_written_nor_loaded(tiny_
     checkpoint_module.save_checkpoint(path, model)
     with torch.no_grad():
         model.motion.gate[0, 0] = float("nan")
-    with pytest.raises(NonFiniteError, match=r"not writing checkpoint .*1 tensor\(s\) hold inf or NaN \(model.motion.gate\)"):
+    with pytest.raises(NonFiniteError, match=r"not writing checkpoint .*1 tensor\(s\) hold inf or NaN "
+                                             r"\(model.motion.gate\)"):
         checkpoint_module.save_checkpoint(tmp_path / "nan.safetensors", model)
     assert not (tmp_path / "nan.safetensors").exists()
     with safe_open(path, "pt") as handle:

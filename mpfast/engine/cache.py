@@ -214,7 +214,8 @@ class CachedFeatures:
         if single:
             rows = np.array([int(key)])
         else:
-            rows = np.arange(self.shape[0])[key] if isinstance(key, slice) else np.asarray(key, dtype=np.int64).reshape(-1)
+            rows = (np.arange(self.shape[0])[key] if isinstance(key, slice)
+                    else np.asarray(key, dtype=np.int64).reshape(-1))
         if rows.size and (rows.min() < -self.shape[0] or rows.max() >= self.shape[0]):
             raise IndexError(f"row(s) {rows[(rows < -self.shape[0]) | (rows >= self.shape[0])][:3].tolist()} out of "
                              f"range for {self.shape[0]} cached videos")
@@ -262,7 +263,8 @@ class FeatureCache:
         self.meta = meta = _read_json(meta_path)
         if meta.get("version") != CACHE_VERSION:
             raise CacheError(f"{self.folder!r} was written by another mpfast version (cache format "
-                             f"{meta.get('version')!r}, expected {CACHE_VERSION}): delete it, or rebuild with `mpfast cache`")
+                             f"{meta.get('version')!r}, expected {CACHE_VERSION}): delete it, or rebuild with "
+                             "`mpfast cache`")
         try:
             expected = [_expected(meta, number) for number in range(len(meta["shards"]))]
             if len(expected) != math.ceil(meta["count"] / meta["shard_size"]) or len(meta["row_shape"]) != 3:
@@ -276,13 +278,14 @@ class FeatureCache:
             headers = list(pool.map(lambda args: _open_shard(*args, verify=verify), zip(paths, expected)))
         allow_open_files(len(headers))
         readers = [ShardReader(header) for header in headers]
-        self.indices = torch.from_numpy(np.concatenate([read_array(h, "indices") for h in headers] or [np.zeros(0, np.int64)]))
-        self.labels = torch.from_numpy(np.concatenate([read_array(h, "labels") for h in headers] or [np.zeros(0, np.int64)]))
+        none = [np.zeros(0, np.int64)]
+        self.indices = torch.from_numpy(np.concatenate([read_array(h, "indices") for h in headers] or none))
+        self.labels = torch.from_numpy(np.concatenate([read_array(h, "labels") for h in headers] or none))
         self.failed = failed
         self.features = CachedFeatures(readers, tuple(meta["row_shape"]))
         if len(self.features) != meta["count"] - len(self.failed):
-            raise CacheError(f"cache {self.folder!r} is inconsistent: {len(self.features)} rows, {meta['count']} videos, "
-                             f"{len(self.failed)} failed: delete its meta.json and rerun `mpfast cache`")
+            raise CacheError(f"cache {self.folder!r} is inconsistent: {len(self.features)} rows, {meta['count']} "
+                             f"videos, {len(self.failed)} failed: delete its meta.json and rerun `mpfast cache`")
 
     @classmethod
     def from_tensors(cls, features: torch.Tensor, labels: torch.Tensor) -> FeatureCache:
@@ -318,7 +321,8 @@ class FeatureCache:
         if self._entries is None:
             try:
                 listing = _read_json(os.path.join(self.folder, "videos.json"))
-                self._entries = [os.path.join(listing["inputs"]["videos"]["root"], path) for path, _ in listing["entries"]]
+                root = listing["inputs"]["videos"]["root"]
+                self._entries = [os.path.join(root, path) for path, _ in listing["entries"]]
             except (CacheError, KeyError, TypeError, ValueError):
                 self._entries = []
         return self._entries[index] if 0 <= index < len(self._entries) else None
@@ -352,7 +356,8 @@ def _key_lock(lock_path: str, folder: str) -> Iterator[None]:
                 held = True
             except Timeout:
                 if not waited:
-                    logger.warning("another process is building the cache %s; waiting for it (lock %s)", folder, lock_path)
+                    logger.warning("another process is building the cache %s; waiting for it (lock %s)", folder,
+                                   lock_path)
         waited = True
         if distributed.broadcast_object(held):
             break
@@ -407,7 +412,8 @@ def _prepare(folder: str, meta: dict[str, Any], description: dict[str, Any], ent
     plan = _Plan(total, [number for number, (state, _) in enumerate(states) if state != "ok"], old_meta=old_meta)
     for number, (state, problem) in enumerate(states):
         if state == "missing" and old_meta is not None:  # the cache was complete once
-            logger.warning("cache shard %s is missing; computing its videos again", os.path.join(folder, shard_name(number)))
+            logger.warning("cache shard %s is missing; computing its videos again",
+                           os.path.join(folder, shard_name(number)))
         if state == "damaged":
             path = os.path.join(folder, shard_name(number))
             logger.warning("cache shard %s is damaged (%s); computing its videos again", path, problem)
@@ -490,7 +496,8 @@ def _finish_shard(dataset: VideoDataset, folder: str, meta: dict[str, Any], plan
         lost = sorted(set(failed) - set(recorded))
         if lost:
             raise CacheError(f"cache shard {path} was damaged and had to be computed again, but {len(lost)} of its "
-                             f"videos can no longer be read (first: {failed[lost[0]]}); restore those videos, or delete "
+                             f"videos can no longer be read (first: {failed[lost[0]]}); restore those videos, or "
+                             "delete "
                              f"{folder} to build the cache without them")
     write_shard(path, key=meta["key"], number=number, start=start, stop=stop, features=stored, indices=indices,
                 labels=labels, failed=failed, short=short, rank=distributed.rank())
@@ -535,7 +542,8 @@ def _finish_meta(folder: str, meta: dict[str, Any], plan: _Plan, seconds: float)
 
 def build_cache(model, dataset: VideoDataset, cache_dir: str | os.PathLike, model_name: str, *,
                 precision: str = "fp32", dtype: str = DEFAULT_DTYPE, batch_size: int = 16, num_workers: int = 0,
-                device: str | torch.device = "cpu", progress: bool = False, shard_size: int | None = None) -> FeatureCache:
+                device: str | torch.device = "cpu", progress: bool = False,
+                shard_size: int | None = None) -> FeatureCache:
     """Returns the cache of ``dataset``'s features, computing what is missing or damaged.
 
     Args:
@@ -568,8 +576,9 @@ def build_cache(model, dataset: VideoDataset, cache_dir: str | os.PathLike, mode
     description = describe_inputs(model, model_name, dataset, precision, dtype=dtype, shard_size=shard_size)
     key = cache_key(description)
     folder = os.path.join(os.fspath(cache_dir), key)
-    meta = {"version": CACHE_VERSION, "key": key, "inputs": description, "count": len(dataset), "views": dataset.num_views,
-            "num_frames": dataset.sampling.num_frames, "dim": model.dim, "dtype": dtype, "shard_size": shard_size,
+    meta = {"version": CACHE_VERSION, "key": key, "inputs": description, "count": len(dataset),
+            "views": dataset.num_views, "num_frames": dataset.sampling.num_frames, "dim": model.dim, "dtype": dtype,
+            "shard_size": shard_size,
             "row_shape": [dataset.num_views, dataset.sampling.num_frames, model.dim]}
     rank, world = distributed.rank(), distributed.world_size()
     with _key_lock(os.path.join(os.fspath(cache_dir), f"{key}.lock"), folder):
@@ -609,8 +618,8 @@ def _is_stale(listing: dict[str, Any]) -> bool:
 
 
 def _describe_folder(folder: str) -> dict[str, Any]:
-    info: dict[str, Any] = {"cache": folder, "bytes": _folder_bytes(folder),
-                            "last_used": datetime.datetime.fromtimestamp(os.path.getmtime(folder)).isoformat(timespec="seconds")}
+    used = datetime.datetime.fromtimestamp(os.path.getmtime(folder)).isoformat(timespec="seconds")
+    info: dict[str, Any] = {"cache": folder, "bytes": _folder_bytes(folder), "last_used": used}
     meta_path, listing_path = os.path.join(folder, "meta.json"), os.path.join(folder, "videos.json")
     meta = None
     with contextlib.suppress(CacheError):

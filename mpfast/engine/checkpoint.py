@@ -150,7 +150,7 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     bad = non_finite_names({k: v for k, v in tensors.items() if not k.startswith("rng.")})
     if bad:
         raise ValueError(f"checkpoint {path!r} holds inf or NaN in {len(bad)} tensor(s) ({_describe_names(bad)}): "
-                             "it comes from a diverged run and cannot be used; take an earlier checkpoint or train again")
+                         "it comes from a diverged run and cannot be used; take an earlier checkpoint or train again")
     config = HeadConfig.from_options(**json.loads(metadata["head_config"]))
     head, optimizer, rng = {}, {}, {}
     for name, tensor in tensors.items():

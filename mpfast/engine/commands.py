@@ -95,7 +95,8 @@ def add_commands(subparsers) -> None:
     group = cache.add_argument_group("cache folders")
     group.add_argument("--list-caches", action="store_true", help="describe the caches in --cache-dir and exit")
     group.add_argument("--prune", action="store_true",
-                       help="delete the caches in --cache-dir that no run can use any more (a video changed or vanished)")
+                       help="delete the caches in --cache-dir that no run can use any more (a video changed or "
+                            "vanished)")
     group.add_argument("--older-than", type=nonnegative_float, default=None, metavar="DAYS",
                        help="with --prune: also delete caches not used for DAYS days")
     group.add_argument("--dry-run", action="store_true", help="with --prune: list what would be deleted")

@@ -68,7 +68,8 @@ def write_shard(path: str | os.PathLike, *, key: str, number: int, start: int, s
         raise ValueError(f"shard {number}: {rows} feature rows, indices {tuple(indices.shape)}, labels "
                          f"{tuple(labels.shape)}")
     if rows + len(failed) != stop - start:
-        raise ValueError(f"shard {number} covers videos [{start}, {stop}) but holds {rows} rows and {len(failed)} failures")
+        raise ValueError(f"shard {number} covers videos [{start}, {stop}) but holds {rows} rows and {len(failed)} "
+                         "failures")
     checksums = {name: _sha256(tensor.numpy()) for name, tensor in tensors.items()}
     metadata = {"format": SHARD_FORMAT, "key": key, "number": str(number), "start": str(start), "stop": str(stop),
                 "failed": json.dumps({str(k): v for k, v in sorted(failed.items())}), "short": str(short),
@@ -171,7 +172,8 @@ def _check_layout(header: ShardHeader, expected: dict[str, Any]) -> None:
         if header.tensors[name][1] != (rows,):
             raise ShardError(f"{name} have shape {list(header.tensors[name][1])}, expected [{rows}]")
     if rows + len(header.failed) != header.stop - header.start:
-        raise ShardError(f"{rows} rows and {len(header.failed)} failed videos for a range of {header.stop - header.start}")
+        raise ShardError(f"{rows} rows and {len(header.failed)} failed videos for a range of "
+                         f"{header.stop - header.start}")
 
 
 def check_shard(path: str | os.PathLike, expected: dict[str, Any]) -> ShardHeader:
@@ -221,7 +223,8 @@ def allow_open_files(count: int) -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     wanted = count + 512
     if soft != resource.RLIM_INFINITY and soft < wanted:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted if hard == resource.RLIM_INFINITY else min(wanted, hard), hard))
+        limit = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (limit, hard))
 
 
 class ShardReader:
@@ -250,7 +253,8 @@ class ShardReader:
     def _read(self, offset: int, size: int) -> bytes:
         data = os.pread(self._fd, size, self._begin + offset)
         if len(data) != size:
-            raise ShardError(f"{self.path} was cut short while in use ({size} bytes wanted at {offset}, {len(data)} read)")
+            raise ShardError(f"{self.path} was cut short while in use ({size} bytes wanted at {offset}, "
+                             f"{len(data)} read)")
         return data
 
     def read(self, rows: np.ndarray, rest: tuple = ()) -> np.ndarray:
@@ -273,4 +277,5 @@ class ShardReader:
         """Every row, in one read."""
         if self._fd is None:
             return np.zeros(self.shape, dtype=self.dtype)
-        return np.frombuffer(self._read(0, self.shape[0] * self._row_bytes), dtype=self.dtype).reshape(self.shape).copy()
+        data = self._read(0, self.shape[0] * self._row_bytes)
+        return np.frombuffer(data, dtype=self.dtype).reshape(self.shape).copy()

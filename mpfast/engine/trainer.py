@@ -231,11 +231,12 @@ def check_output_dir(output_dir: str | os.PathLike, *, resume: str | os.PathLike
              if os.path.isfile(path) and os.path.getsize(path) > 0]
     if not found or overwrite:
         return
-    if resume is not None and os.path.isfile(checkpoint) and os.path.isfile(resume) and os.path.samefile(resume, checkpoint):
+    if resume is not None and os.path.isfile(checkpoint) and os.path.isfile(resume) and os.path.samefile(resume,
+                                                                                                        checkpoint):
         return
     hint = f"--resume {checkpoint} to continue it, " if os.path.isfile(checkpoint) else ""
-    raise FileExistsError(f"--output {output_dir!r} already holds a run ({', '.join(found)}): pass {hint}--overwrite to "
-                          "replace it, or choose another --output")
+    raise FileExistsError(f"--output {output_dir!r} already holds a run ({', '.join(found)}): pass {hint}--overwrite "
+                          "to replace it, or choose another --output")
 
 
 class MetricsLog:
@@ -435,7 +436,7 @@ class Trainer:
             if self.scaler is not None:
                 self.scaler.unscale_(self.optimizer)
             norm = (torch.nn.utils.clip_grad_norm_(self.parameters, self.config.grad_clip) if self.config.grad_clip > 0
-                    else torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in self.parameters])))
+                    else torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in self.parameters])))
             # the fp16 scaler skips steps whose gradients overflowed: only the loss must be finite then
             self._stop_if_non_finite(batch, finite_rows, totals[0], norm if self.scaler is None else None)
             if self.scaler is not None:
