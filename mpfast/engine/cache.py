@@ -23,7 +23,7 @@ warning). Under ``torch.distributed`` the shards to compute are dealt out to the
 processes, so a rerun with any number of processes reuses every finished shard.
 
 One process at a time builds or repairs a key: a file lock (``filelock``) next to the
-folder, ``<key>.lock``, is held while shards are checked, written and mapped. A second
+folder, ``<key>.lock``, is held while shards are checked, written and opened. A second
 run on the same key waits, then finds the cache complete and reads it. Nothing deletes
 a folder it does not hold the lock of; :func:`prune_caches` removes caches that no run
 can use any more (a video changed or vanished, an older format) and, when asked, those

@@ -201,11 +201,11 @@ def evaluate(model: MotionCLIP, dataset: Dataset, class_names: Sequence[str], *,
     return metrics, logits, labels
 
 
-def _nothing_read(videos: str, broken: BrokenVideoLog, root: str | None) -> RuntimeError:
+def _nothing_read(videos: str, broken: BrokenVideoLog, root: str | None) -> ValueError:
     """The one-line error of a dataset of which no video could be read (an input error, like an unreadable video)."""
     first = f" (first tried: {broken.failed[min(broken.failed)]})" if broken.failed else ""
-    return ValueError(f"nothing could be read: none of the {videos}{first}"
-                        + (f"; root: {os.path.abspath(root)!r}" if root is not None else ""))
+    where = f"; root: {os.path.abspath(root)!r}" if root is not None else ""
+    return ValueError(f"nothing could be read: none of the {videos}{first}{where}")
 
 
 def _name_videos(dataset: Dataset, indices: Sequence[int], limit: int = 3) -> str:
