@@ -29,9 +29,10 @@ from ..data.transforms import ClipTransform
 from ..data.video import SAMPLING_MODES, SamplingConfig, open_video
 from ..model import PRECISIONS, add_model_config, create_model_and_transforms
 from . import distributed
-from .cache import FeatureDataset, build_cache
-from .checkpoint import Checkpoint, load_checkpoint, load_head
-from .trainer import AMP_MODES, TrainConfig, Trainer, evaluate
+from .cache import DEFAULT_DTYPE, FeatureDataset, build_cache, list_caches, prune_caches
+from .checkpoint import Checkpoint, NonFiniteError, load_checkpoint, load_head
+from .shards import STORAGE_DTYPES
+from .trainer import AMP_MODES, TrainConfig, Trainer, check_output_dir, evaluate
 
 logger = logging.getLogger("mpfast.engine")
 
@@ -81,6 +82,8 @@ def _data_arguments(parser: argparse.ArgumentParser, *, list_flag: str = "--list
     group.add_argument("--cache-dir", default=None,
                        help="folder of feature caches: compute once, reuse while valid (default: no cache, decode and "
                             "encode every video)")
+    group.add_argument("--cache-dtype", choices=sorted(STORAGE_DTYPES), default=DEFAULT_DTYPE,
+                       help="storage dtype of cached features (float32 takes twice the space)")
     group.add_argument("--no-progress", action="store_true", help="no progress bars (per-epoch lines go to the -v log)")
 
 
@@ -88,7 +91,15 @@ def add_commands(subparsers) -> None:
     """Adds ``cache``, ``train``, ``eval`` and ``classify``."""
     cache = subparsers.add_parser("cache", help="compute and store frozen-CLIP frame features of a video list")
     _model_arguments(cache)
-    _data_arguments(cache)
+    _data_arguments(cache, required=False)
+    group = cache.add_argument_group("cache folders")
+    group.add_argument("--list-caches", action="store_true", help="describe the caches in --cache-dir and exit")
+    group.add_argument("--prune", action="store_true",
+                       help="delete the caches in --cache-dir that no run can use any more (a video changed or "
+                            "vanished)")
+    group.add_argument("--older-than", type=nonnegative_float, default=None, metavar="DAYS",
+                       help="with --prune: also delete caches not used for DAYS days")
+    group.add_argument("--dry-run", action="store_true", help="with --prune: list what would be deleted")
     cache.set_defaults(func=run_cache)
 
     train = subparsers.add_parser("train", help="train the motion-prompt head")
@@ -118,6 +129,8 @@ def add_commands(subparsers) -> None:
                        help="steps between checkpoints (0: at the end of each epoch only)")
     group.add_argument("--resume", default=None, metavar="CKPT",
                        help="continue a run from its last.safetensors (default: start a new run)")
+    group.add_argument("--overwrite", action="store_true",
+                       help="replace a run already in --output (default: refuse; --resume continues it)")
     train.set_defaults(func=run_train)
 
     evaluate_parser = subparsers.add_parser("eval", help="top-1/top-5/mean class accuracy of a checkpoint")
@@ -154,11 +167,12 @@ class DataOptions:
     workers: int = 0  # DataLoader workers
     cache_dir: str | None = None  # feature cache folder (None: no cache)
     progress: bool = True  # progress bars
+    cache_dtype: str = DEFAULT_DTYPE  # storage dtype of cached features
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "DataOptions":
         return cls(args.sampling, args.stride, args.clips, args.crops, check_policy(args.on_error), args.batch_size,
-                   args.workers, args.cache_dir, not args.no_progress)
+                   args.workers, args.cache_dir, not args.no_progress, args.cache_dtype)
 
     @property
     def local_batch(self) -> int:
@@ -259,7 +273,8 @@ def _cached(model, model_info, data: DataOptions, entries, root, device, *, trai
             positions=None) -> FeatureDataset:
     dataset = _eval_dataset(model, data, entries, root)
     cache = build_cache(model, dataset, data.cache_dir, model_info["model"], precision=model_info["precision"],
-                        batch_size=data.local_batch, num_workers=data.workers, device=device, progress=data.progress)
+                        dtype=data.cache_dtype, batch_size=data.local_batch, num_workers=data.workers, device=device,
+                        progress=data.progress)
     return FeatureDataset(cache, train=train, seed=seed, positions=positions)
 
 
@@ -272,6 +287,17 @@ def _maybe_cached(model, model_info, data: DataOptions, entries, root, device):
 
 # --------------------------------------------------------------------------- commands
 def run_cache(args: argparse.Namespace) -> int:
+    if args.list_caches or args.prune:
+        if not args.cache_dir:
+            raise UsageError("--list-caches and --prune need --cache-dir")
+        if args.prune:
+            print(json.dumps({"pruned": prune_caches(args.cache_dir, args.older_than, dry_run=args.dry_run),
+                              "dry_run": args.dry_run}))
+        else:
+            print(json.dumps({"caches": list_caches(args.cache_dir)}))
+        return 0
+    if not args.list:
+        raise UsageError("--list is needed: the videos to cache (or --list-caches/--prune to look after --cache-dir)")
     device = distributed.init_from_environment(args.device)
     data = DataOptions.from_args(args)
     if not data.cache_dir:
@@ -283,11 +309,16 @@ def run_cache(args: argparse.Namespace) -> int:
     if distributed.rank() == 0:
         print(json.dumps({"cache": cache.folder, "videos": cache.meta["count"], "skipped": len(cache.failed),
                           "short": cache.meta["short"], "shape": list(cache.features.shape),
+                          "dtype": cache.meta["dtype"], "encoded": cache.built["videos_encoded"],
                           "seconds": round(cache.meta["seconds"], 3)}))
     return 0
 
 
 def run_train(args: argparse.Namespace) -> int:
+    try:
+        check_output_dir(args.output, resume=args.resume, overwrite=args.overwrite)  # before hours of caching
+    except FileExistsError as exc:
+        raise UsageError(str(exc)) from None
     device = distributed.init_from_environment(args.device)
     data = DataOptions.from_args(args)
     class_names = _class_names(args.classes, None)
@@ -313,7 +344,7 @@ def run_train(args: argparse.Namespace) -> int:
         val_entries = read_list(args.val_list, num_classes=len(class_names))
         eval_set = _maybe_cached(model, model_info, data, val_entries, _root(args.root, args.val_list), device)
     trainer = Trainer(model, class_names, train_set, config, eval_set=eval_set, device=device,
-                      output_dir=args.output, model_info=model_info)
+                      output_dir=args.output, model_info=model_info, overwrite=args.overwrite)
     if args.resume:
         trainer.resume(args.resume)
     try:
@@ -385,6 +416,8 @@ def run_classify(args: argparse.Namespace) -> int:
         video = item["video"].to(device)
         logits = model.forward_features(model.encode_frames(video), model.encode_classes(class_names)).mean(dim=0)
     probabilities = logits.float().softmax(dim=-1)
+    if not torch.isfinite(probabilities).all():
+        raise NonFiniteError(f"the model gave non-finite scores for {args.video}")
     top = probabilities.topk(min(5, len(class_names)))
     for probability, index in zip(top.values.tolist(), top.indices.tolist()):
         print(f"{probability:.4f}  {class_names[index]}")
