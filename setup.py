@@ -1,7 +1,7 @@
 """Package build. Metadata lives in pyproject.toml; compiled extensions are opt-in.
 
 By default nothing is compiled: the C++ (and CUDA) kernels in csrc/ are built on first
-use and cached (see mpfast/ops/extension.py). To build them ahead of time, into
+use and cached (see mpfast/ops/extension/). To build them ahead of time, into
 mpfast/_ext/, against the torch already installed:
 
     MPFAST_BUILD_EXT=1 pip install --no-build-isolation -e .
@@ -18,25 +18,24 @@ Nothing probes the GPU or downloads anything. Each library gets its build metada
 another torch.
 """
 
-import importlib
+import importlib.util
 import os
 import sys
-import types
 
 from setuptools import setup
 
 
-def _extension_module(here):
-    """mpfast/ops/extension.py, imported without running the package's __init__ files.
+def _toolchain(here):
+    """mpfast/ops/extension/toolchain.py (sources, flags, build metadata), loaded by path.
 
     ``import mpfast`` needs the runtime dependencies (open_clip, ...), which pip may not
-    have installed yet when it builds; extension.py itself needs only torch.
+    have installed yet when it builds; toolchain.py needs only torch.
     """
-    for name in ("mpfast", "mpfast.ops"):
-        package = types.ModuleType(name)
-        package.__path__ = [os.path.join(here, *name.split("."))]
-        sys.modules[name] = package
-    return importlib.import_module("mpfast.ops.extension")
+    path = os.path.join(here, "mpfast", "ops", "extension", "toolchain.py")
+    spec = importlib.util.spec_from_file_location("mpfast_setup_toolchain", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _extensions():
@@ -50,10 +49,10 @@ def _extensions():
         sys.exit("MPFAST_BUILD_EXT=1 needs torch installed first and pip's --no-build-isolation")
 
     here = os.path.dirname(os.path.abspath(__file__))
-    extension = _extension_module(here)  # the same sources, flags and metadata as on-demand builds
+    toolchain = _toolchain(here)  # the same sources, flags and metadata as on-demand builds
 
     want_cuda = os.environ.get("MPFAST_BUILD_CUDA", "auto").strip().lower()
-    cuda_home = extension.cuda_home()
+    cuda_home = toolchain.cuda_home()
     if want_cuda in ("1", "true", "yes") and cuda_home is None:
         sys.exit("MPFAST_BUILD_CUDA=1 but nvcc was not found: set CUDA_HOME")
     build_cuda = want_cuda not in ("0", "false", "no") and cuda_home is not None
@@ -63,23 +62,23 @@ def _extensions():
     def relative(paths):
         return [os.path.relpath(p, here) for p in paths]
 
-    cpp_flags = extension.build_flags("cpp")
+    cpp_flags = toolchain.build_flags("cpp")
     modules = [
         CppExtension(
             "mpfast._ext.mpfast_cpp",
-            relative(extension.sources("cpp")),
-            include_dirs=[str(extension.source_dir())],
+            relative(toolchain.sources("cpp")),
+            include_dirs=[str(toolchain.source_dir())],
             extra_compile_args={"cxx": cpp_flags["cxx"]},
             extra_link_args=cpp_flags["ld"],
         )
     ]
     if build_cuda:
-        cuda_flags = extension.build_flags("cuda")
+        cuda_flags = toolchain.build_flags("cuda")
         modules.append(
             CUDAExtension(
                 "mpfast._ext.mpfast_cuda",
-                relative(extension.sources("cuda")),
-                include_dirs=[str(extension.source_dir())],
+                relative(toolchain.sources("cuda")),
+                include_dirs=[str(toolchain.source_dir())],
                 extra_compile_args={"cxx": cuda_flags["cxx"], "nvcc": cuda_flags["nvcc"]},
                 extra_link_args=cuda_flags["ld"],
             )
@@ -96,7 +95,7 @@ def _extensions():
                 kind = ext.name.rsplit("_", 1)[-1]
                 library = self.get_ext_fullpath(ext.name)
                 if os.path.isfile(library):
-                    extension.write_metadata(extension.Path(library), kind)
+                    toolchain.write_metadata(library, kind)
 
     return {"ext_modules": modules, "cmdclass": {"build_ext": BuildWithMetadata.with_options(use_ninja=True)}}
 

@@ -46,6 +46,23 @@ def bench_dtypes() -> list[torch.dtype]:
     return [by_name[n.strip()] for n in names.split(",")]
 
 
+def shape_name(shape: Sequence[int]) -> str:
+    """``(32, 16, 512)`` -> ``"32x16x512"``: the shape label of a benchmark."""
+    return "x".join(map(str, shape))
+
+
+def parametrize_cases(argname: str, shapes: Sequence, name: Callable[[object], str] = shape_name):
+    """``pytest.mark.parametrize("<argname>,dtype", ...)`` over every shape and benchmarked dtype,
+    with ids ``<name(shape)>-<dtype>``."""
+    cases = [(shape, dtype) for shape in shapes for dtype in bench_dtypes()]
+    return pytest.mark.parametrize(f"{argname},dtype", cases, ids=[f"{name(s)}-{DTYPE_NAMES[d]}" for s, d in cases])
+
+
+def labels(op: str, shape: str, dtype: torch.dtype, pass_: str) -> dict:
+    """The ``extra_info`` labels that ``compare.py`` groups by."""
+    return {"op": op, "shape": shape, "dtype": DTYPE_NAMES[dtype], "pass": pass_}
+
+
 def impls() -> list[str]:
     """Implementations to benchmark: every registry backend plus ``eager`` and ``compile``.
 
@@ -58,7 +75,8 @@ def impls() -> list[str]:
 def skip_unless_runnable(impl: str, device: torch.device) -> None:
     if impl in ("eager", "compile", "copy"):
         return
-    reason = mpfast.ops.available_backends(device.type)[impl]
+    # As a real call would: a compiled backend not built yet is built now (available_backends() only asks).
+    reason = mpfast.ops._registry.get_backend(impl).unavailable_reason(device.type)
     if reason is not None:
         pytest.skip(reason)
     if impl == "triton" and (device.type == "cpu" or os.environ.get("TRITON_INTERPRET") == "1"):

@@ -18,6 +18,7 @@
 #   GPU_CHECK_OUT       output folder [gpu_check_out]
 #   GPU_CHECK_MODEL     1: also benchmark ViT-B/16 end to end and run `mpfast report`
 #                       on it (bfloat16, 8 and 16 frames; +2-3 min) [0]
+#   GPU_CHECK_WORKERS   parallel test processes when pytest-xdist is installed [8]
 #   GPU_CHECK_TEST_TIMEOUT / GPU_CHECK_BENCH_TIMEOUT  seconds per stage [180 / 300]
 set -u -o pipefail
 
@@ -49,13 +50,19 @@ if [[ ",$BACKENDS," == *",cuda,"* ]]; then
     echo "build: done ($(( $(date +%s) - start ))s so far)"
 fi
 
-echo "== 1/3 op tests on $DEVICE (required: $BACKENDS)"
+# Every op test compiles its own Triton variants (about 0.3 s each): on a GPU machine run them in
+# parallel processes when pytest-xdist is there (it is on the H200 image), or the stage takes minutes.
+PARALLEL=""
+if [ "$DEVICE" = "cuda" ] && "$PY" -c "import xdist" 2>/dev/null; then
+    PARALLEL="-n ${GPU_CHECK_WORKERS:-8}"
+fi
+echo "== 1/3 op tests on $DEVICE (required: $BACKENDS; ${PARALLEL:-one process})"
 TRITON_TESTS=""
 [ "$DEVICE" = "cuda" ] && TRITON_TESTS="tests/test_triton.py"
 # shellcheck disable=SC2086
 MPFAST_TEST_DEVICE="$DEVICE" MPFAST_REQUIRE_BACKENDS="$BACKENDS" timeout "$TEST_TIMEOUT" \
     "$PY" -m pytest tests/test_temporal_diff.py tests/test_motion_mix.py tests/test_prompt_attention.py $TRITON_TESTS \
-    -q -p no:randomly -p no:cacheprovider -rfE --junitxml="$OUT/op_tests.xml" 2>&1 | tail -n 25
+    $PARALLEL -q -p no:randomly -p no:cacheprovider -rfE --junitxml="$OUT/op_tests.xml" 2>&1 | tail -n 25
 rc=$?
 [ $rc -eq 124 ] && echo "op tests: TIMED OUT after ${TEST_TIMEOUT}s"
 [ $rc -ne 0 ] && status=1

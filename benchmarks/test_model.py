@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import mpfast
+from mpfast.data import preprocess_config
 from mpfast.profiling import counting
 
 from ._harness import DTYPE_NAMES, bench_device, on_gpu, run
@@ -36,7 +37,7 @@ def model_for(frames: int):
 def test_model(benchmark, impl, frames):
     device = bench_device()
     model, video_flops, head = model_for(frames)
-    size = counting.image_size(model)
+    size = preprocess_config(model.clip)[0]
     video = torch.randn(BATCH, frames, 3, size, size, device=device, dtype=DTYPE)
     classes = torch.nn.functional.normalize(torch.randn(CLASSES, model.dim, device=device), dim=-1).to(DTYPE)
     if impl == "clip_frames":

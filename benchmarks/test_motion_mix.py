@@ -7,37 +7,30 @@ from mpfast.ops import motion_mix, motion_mix_ref
 from mpfast.ops.motion_mix import flops
 
 from ._harness import (
-    DTYPE_NAMES,
     bench_device,
-    bench_dtypes,
     call_for,
     copy_baseline,
     forward_backward,
     impls,
+    labels,
     nbytes,
     on_gpu,
+    parametrize_cases,
     run,
+    shape_name,
     skip_unless_runnable,
 )
 
-# (B, S, T, D): the head's sizes and a large batch of wide features.
+# (B, S, T, D): a tiny input (the per-call overhead of the op path), the head's sizes and a
+# large batch of wide features.
 if on_gpu():
-    SHAPES = [(32, 2, 8, 512), (32, 2, 16, 512), (1024, 2, 16, 768)]
+    SHAPES = [(1, 2, 2, 8), (32, 2, 8, 512), (32, 2, 16, 512), (1024, 2, 16, 768)]
 else:
-    SHAPES = [(32, 2, 16, 512), (64, 2, 16, 256)]
-DTYPES = bench_dtypes()
-
-
-def _cases():
-    return [(s, d) for s in SHAPES for d in DTYPES]
-
-
-def _ids():
-    return [f"{'x'.join(map(str, s))}-{DTYPE_NAMES[d]}" for s, d in _cases()]
+    SHAPES = [(1, 2, 2, 8), (32, 2, 16, 512), (64, 2, 16, 256)]
 
 
 def _labels(shape, dtype, pass_):
-    return {"op": "motion_mix", "shape": "x".join(map(str, shape)), "dtype": DTYPE_NAMES[dtype], "pass": pass_}
+    return labels("motion_mix", shape_name(shape), dtype, pass_)
 
 
 def _costs(shape, dtype, backward: bool):
@@ -50,7 +43,7 @@ def _costs(shape, dtype, backward: bool):
 
 
 @pytest.mark.parametrize("impl", impls())
-@pytest.mark.parametrize("shape,dtype", _cases(), ids=_ids())
+@parametrize_cases("shape", SHAPES)
 @pytest.mark.parametrize("pass_", ["fwd", "fwd+bwd"])
 def test_motion_mix(benchmark, impl, shape, dtype, pass_):
     device = bench_device()
@@ -74,7 +67,7 @@ def test_motion_mix(benchmark, impl, shape, dtype, pass_):
     run(benchmark, step, device, impl=impl, bytes=total_bytes, flops=total_flops, **_labels(shape, dtype, pass_))
 
 
-@pytest.mark.parametrize("shape,dtype", _cases(), ids=_ids())
+@parametrize_cases("shape", SHAPES)
 def test_motion_mix_copy_baseline(benchmark, shape, dtype):
     total_bytes, _ = _costs(shape, dtype, False)
     copy_baseline(benchmark, bench_device(), dtype, total_bytes, **_labels(shape, dtype, "fwd"))

@@ -7,33 +7,30 @@ from mpfast.ops import default_strides, temporal_diff, temporal_diff_ref
 from mpfast.ops.temporal_diff import flops
 
 from ._harness import (
-    DTYPE_NAMES,
     bench_device,
-    bench_dtypes,
     call_for,
     copy_baseline,
     forward_backward,
     impls,
+    labels,
     nbytes,
     on_gpu,
+    parametrize_cases,
     run,
+    shape_name,
     skip_unless_runnable,
 )
 
-# [B, T, *F]: CLS embeddings (the head), patch tokens, raw pixels.
+# [B, T, *F]: a tiny input (the per-call overhead of the op path), CLS embeddings (the head),
+# patch tokens, raw pixels.
 if on_gpu():
-    SHAPES = [(32, 16, 512), (32, 16, 197, 768), (8, 16, 3, 224, 224)]
+    SHAPES = [(1, 2, 8), (32, 16, 512), (32, 16, 197, 768), (8, 16, 3, 224, 224)]
 else:
-    SHAPES = [(32, 16, 512), (2, 8, 50, 256), (4, 16, 3, 224, 224)]  # head, patch tokens, pixels
-DTYPES = bench_dtypes()
-
-
-def _cases():
-    return [(s, d) for s in SHAPES for d in DTYPES]
+    SHAPES = [(1, 2, 8), (32, 16, 512), (2, 8, 50, 256), (4, 16, 3, 224, 224)]
 
 
 def _labels(shape, dtype, pass_):
-    return {"op": "temporal_diff", "shape": "x".join(map(str, shape)), "dtype": DTYPE_NAMES[dtype], "pass": pass_}
+    return labels("temporal_diff", shape_name(shape), dtype, pass_)
 
 
 def _costs(shape, dtype, strides, backward: bool):
@@ -45,9 +42,7 @@ def _costs(shape, dtype, strides, backward: bool):
 
 
 @pytest.mark.parametrize("impl", impls())
-@pytest.mark.parametrize(
-    "shape,dtype", _cases(), ids=[f"{'x'.join(map(str, s))}-{DTYPE_NAMES[d]}" for s, d in _cases()]
-)
+@parametrize_cases("shape", SHAPES)
 @pytest.mark.parametrize("pass_", ["fwd", "fwd+bwd"])
 def test_temporal_diff(benchmark, impl, shape, dtype, pass_):
     device = bench_device()
@@ -64,9 +59,7 @@ def test_temporal_diff(benchmark, impl, shape, dtype, pass_):
     run(benchmark, step, device, impl=impl, bytes=total_bytes, flops=total_flops, **_labels(shape, dtype, pass_))
 
 
-@pytest.mark.parametrize(
-    "shape,dtype", _cases(), ids=[f"{'x'.join(map(str, s))}-{DTYPE_NAMES[d]}" for s, d in _cases()]
-)
+@parametrize_cases("shape", SHAPES)
 def test_temporal_diff_copy_baseline(benchmark, shape, dtype):
     strides = default_strides(shape[1])
     total_bytes, _ = _costs(shape, dtype, strides, False)

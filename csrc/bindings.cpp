@@ -2,11 +2,12 @@
 //
 // Compiled twice: for the C++ backend (namespace mpfast_cpp, CPU kernels) and, with
 // MPFAST_WITH_CUDA defined (bindings_cuda.cpp), for the CUDA backend (namespace mpfast_cuda). Each op takes
-// its outputs as arguments (allocated by mpfast.ops.extension with
-// mpfast.ops._common.new_output) and returns nothing:
+// its outputs as arguments after its inputs and fills them (the contract of every backend; the
+// registration in mpfast/ops/_spec.py allocates them from the op's spec) and returns nothing:
 //   torch.ops.mpfast_cpp.temporal_diff_fwd(x, strides, out)
 // Bad arguments raise TypeError / ValueError naming the argument and the broken
-// constraint, before any memory is touched.
+// constraint, before any memory is touched: these operators can be called directly, so
+// they check the shapes of the outputs they are given too.
 #include <torch/library.h>
 
 #include <cstdint>

@@ -1,8 +1,6 @@
 // Helpers of the CUDA kernels: launch geometry, warp reductions, views of strided tensors.
 #pragma once
 
-#include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
 #include <ATen/core/TensorBase.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
@@ -11,17 +9,14 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <initializer_list>
 
+#include "dispatch.h"
 #include "mpfast.h"
-
-// float16 and bfloat16 are computed in float32; float32 and float64 in themselves.
-#define MPFAST_DISPATCH_FLOATS(dtype, name, ...) \
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, name, __VA_ARGS__)
 
 namespace mpfast::cuda {
 
-template <typename T>
-using acc_t = at::opmath_type<T>;
+using mpfast::acc_t;
 
 constexpr int kThreads = 256;
 constexpr int kWarp = 32;
@@ -67,11 +62,15 @@ struct Features {
   int64_t stride[kMaxFeatureDims];
   int64_t numel;
 
+  // Unrolled with static indices: a dynamic index would copy the struct to local memory.
   __device__ __forceinline__ int64_t offset(int64_t f) const {
     int64_t off = 0;
-    for (int i = ndim - 1; i >= 0; --i) {
-      off += (f % size[i]) * stride[i];
-      f /= size[i];
+#pragma unroll
+    for (int i = kMaxFeatureDims - 1; i >= 0; --i) {
+      if (i < ndim) {
+        off += (f % size[i]) * stride[i];
+        f /= size[i];
+      }
     }
     return off;
   }

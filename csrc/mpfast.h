@@ -1,7 +1,7 @@
 // mpfast compiled ops: entry points shared by the C++ (CPU) and CUDA builds.
 //
-// Every op fills outputs that the Python side allocated (mpfast.ops._common.new_output,
-// contiguous, the right shape and dtype); bindings.cpp checks every argument with
+// Every op fills outputs that the Python side allocated (mpfast/ops/_spec.py, from the op's
+// spec: contiguous, the right shape and dtype); bindings.cpp checks every argument with
 // TORCH_CHECK before a kernel runs, so the kernels below may assume valid input:
 //   * float16, bfloat16, float32 or float64, all tensors of one op in one dtype;
 //   * inputs with any strides (stride 0 included), outputs contiguous;

@@ -125,27 +125,10 @@ MPFAST_CLONES void softmax_rows(int64_t M, int64_t L, int64_t Lp, F* S, const F*
   }
 }
 
-// exp of 16 floats (exp_fast in GCC vector arithmetic, so that it stays in registers).
+// exp of 16 floats (exp_poly in GCC vector arithmetic, so that it stays in registers).
 MPFAST_INLINE Vec<float>::type exp_vec(Vec<float>::type x) {
-  using V = Vec<float>::type;
   typedef int32_t I __attribute__((vector_size(64)));
-  V c = x < 88.0f ? x : V{} + 88.0f;
-  c = c > -87.5f ? c : V{} - 87.5f;
-  const V t = c * 1.44269504088896341f;
-  const V n = (t + 12582912.0f) - 12582912.0f;
-  const V r = (c - n * 0.693359375f) + n * 2.12194440e-4f;
-  V p = V{} + 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const I bits = (__builtin_convertvector(n, I) + 127) << 23;
-  V scale;  // 2^n; memcpy, not a pointer cast (strict aliasing) nor std::bit_cast (C++20)
-  std::memcpy(&scale, &bits, sizeof(scale));
-  const V y = p * scale;
-  return x != x ? x : y;
+  return exp_poly<Vec<float>::type, I>(x);
 }
 
 // softmax_rows for float, 16 columns at a time (Lp is a multiple of 16; bias and keep

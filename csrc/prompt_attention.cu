@@ -1,14 +1,18 @@
 // prompt_attention on CUDA (formulas of prompt_attention_ref / _backward_ref).
 //
-// One warp per row; lanes split the head dimension (coalesced when its stride is 1),
-// dot products are reduced with warp shuffles, the softmax is computed online (running
-// maximum and sum), accumulators live in registers for chunks of kChunk = 128 features
-// (a larger head dimension loops over chunks, recomputing the scores). Padded keys are
-// skipped; a query with every key padded gets 0 and no gradient. Backward: one pass
-// per query row stores the log-sum-exp and D = sum_l p_l (dO . v_l); then grad_q (one
-// warp per query row; with queries shared by the batch, one per (class, head) summing
-// over the videos) and grad_k / grad_v (one warp per key row) are formed without
-// atomics. float16/bfloat16 accumulate in float32.
+// One warp per row, keys (or, for grad_k / grad_v, queries) taken 32 at a time: lane j
+// forms the whole dot product of the row with key l0 + j, so the softmax costs two
+// warp reductions per 32 keys instead of one shuffle chain per key (the first version
+// was 2-15x slower than eager PyTorch); the lanes then split the head dimension and
+// accumulate p_j v_j for the 32 keys, p_j broadcast with a shuffle (coalesced when the
+// head dimension has stride 1). Accumulators live in registers for chunks of
+// kChunk = 128 features (a larger head dimension loops over chunks, recomputing the
+// scores). Padded keys get score -inf; a query with every key padded gets 0 and no
+// gradient. Backward: one pass per query row stores the log-sum-exp and
+// D = sum_l p_l (dO . v_l); then grad_q (one warp per query row; with queries shared by
+// the batch, one per (class, head) summing over the videos) and grad_k / grad_v (one warp
+// per key row, the queries 32 at a time) are formed without atomics. float16/bfloat16
+// accumulate in float32.
 #include <ATen/ops/empty.h>
 
 #include <cmath>
@@ -23,6 +27,7 @@ using cuda::kWarp;
 
 constexpr int kPerLane = 4;
 constexpr int64_t kChunk = kWarp * kPerLane;
+constexpr unsigned kFullMask = 0xffffffffu;
 
 // Rows of a [B, rows, H, d] tensor, or [rows, H, d] shared by the batch (sb = 0).
 template <typename T>
@@ -49,11 +54,50 @@ Mask mask_of(const at::TensorBase* mask) {
   return {mask->const_data_ptr<bool>(), mask->stride(0), mask->stride(1)};
 }
 
+// a . b over d elements, by one thread (four partial sums for instruction-level parallelism).
 template <typename T>
-__device__ __forceinline__ acc_t<T> warp_dot(const T* a, int64_t as, const T* b, int64_t bs, int64_t d, int lane) {
-  acc_t<T> s = 0;
-  for (int64_t j = lane; j < d; j += kWarp) s += static_cast<acc_t<T>>(a[j * as]) * static_cast<acc_t<T>>(b[j * bs]);
-  return cuda::warp_sum(s);
+__device__ __forceinline__ acc_t<T> dot(const T* a, int64_t as, const T* b, int64_t bs, int64_t d) {
+  using A = acc_t<T>;
+  A s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+  int64_t j = 0;
+  for (; j + 4 <= d; j += 4) {
+    s0 += static_cast<A>(a[0]) * static_cast<A>(b[0]);
+    s1 += static_cast<A>(a[as]) * static_cast<A>(b[bs]);
+    s2 += static_cast<A>(a[2 * as]) * static_cast<A>(b[2 * bs]);
+    s3 += static_cast<A>(a[3 * as]) * static_cast<A>(b[3 * bs]);
+    a += 4 * as;
+    b += 4 * bs;
+  }
+  for (; j < d; ++j, a += as, b += bs) s0 += static_cast<A>(a[0]) * static_cast<A>(b[0]);
+  return (s0 + s1) + (s2 + s3);
+}
+
+template <typename A>
+__device__ __forceinline__ A warp_max(A x) {
+#pragma unroll
+  for (int offset = kWarp / 2; offset > 0; offset /= 2) x = max(x, __shfl_xor_sync(kFullMask, x, offset));
+  return x;
+}
+
+// acc[i] += sum over the n lanes j < n of w_j * row_j[j0 + lane + 32 i]: the lanes' weights
+// w (one per lane) broadcast in turn, rows row_of(j) read across the lanes.
+template <typename T, typename RowOf>
+__device__ __forceinline__ void accumulate_rows(acc_t<T> (&acc)[kPerLane], acc_t<T> w, int n, RowOf row_of,
+                                                int64_t sd, int64_t j0, int64_t d, int lane) {
+  for (int jj = 0; jj < n; ++jj) {
+    const acc_t<T> wj = __shfl_sync(kFullMask, w, jj);
+    const T* r = row_of(jj);
+#pragma unroll
+    for (int i = 0; i < kPerLane; ++i) {
+      const int64_t j = j0 + lane + i * kWarp;
+      if (j < d) acc[i] += wj * static_cast<acc_t<T>>(r[j * sd]);
+    }
+  }
+}
+
+// Lanes that hold one of the `remaining` keys (or queries) of a group of 32.
+__device__ __forceinline__ int lanes_used(int64_t remaining) {
+  return remaining < kWarp ? static_cast<int>(remaining) : kWarp;
 }
 
 __device__ __forceinline__ int64_t global_warp() {
@@ -73,19 +117,19 @@ __global__ void attention_fwd_kernel(Rows<T> q, Rows<T> k, Rows<T> v, Mask mask,
     const T* qr = q.row(b, c, h);
     for (int64_t j0 = 0; j0 < d; j0 += kChunk) {
       A mx = -INFINITY, sum = 0, o[kPerLane] = {};
-      for (int64_t l = 0; l < L; ++l) {
-        if (mask.padded(b, l)) continue;
-        const A s = scale * warp_dot(qr, q.sd, k.row(b, l, h), k.sd, d, lane);
-        const A m_new = max(mx, s);
-        const A corr = exp(mx - m_new);
+      for (int64_t l0 = 0; l0 < L; l0 += kWarp) {
+        const int64_t l = l0 + lane;
+        A s = -INFINITY;
+        if (l < L && !mask.padded(b, l)) s = scale * dot(qr, q.sd, k.row(b, l, h), k.sd, d);
+        const A m_new = max(mx, warp_max(s));
+        if (m_new == -INFINITY) continue;  // every key so far padded (the same in every lane)
         const A p = exp(s - m_new);
-        sum = sum * corr + p;
-        const T* vr = v.row(b, l, h);
+        const A corr = exp(mx - m_new);
+        sum = sum * corr + cuda::warp_sum(p);
 #pragma unroll
-        for (int i = 0; i < kPerLane; ++i) {
-          const int64_t j = j0 + lane + i * kWarp;
-          o[i] = o[i] * corr + (j < d ? p * static_cast<A>(vr[j * v.sd]) : A(0));
-        }
+        for (int i = 0; i < kPerLane; ++i) o[i] *= corr;
+        const int n = lanes_used(L - l0);
+        accumulate_rows<T>(o, p, n, [&](int jj) { return v.row(b, l0 + jj, h); }, v.sd, j0, d, lane);
         mx = m_new;
       }
       const A inv = sum > 0 ? A(1) / sum : A(0);
@@ -111,15 +155,19 @@ __global__ void attention_stats_kernel(Rows<T> q, Rows<T> k, Rows<T> v, Rows<T> 
     const T* qr = q.row(b, c, h);
     const T* gr = go.row(b, c, h);
     A mx = -INFINITY, sum = 0, w = 0;
-    for (int64_t l = 0; l < L; ++l) {
-      if (mask.padded(b, l)) continue;
-      const A s = scale * warp_dot(qr, q.sd, k.row(b, l, h), k.sd, d, lane);
-      const A dp = warp_dot(gr, go.sd, v.row(b, l, h), v.sd, d, lane);
-      const A m_new = max(mx, s);
-      const A corr = exp(mx - m_new);
+    for (int64_t l0 = 0; l0 < L; l0 += kWarp) {
+      const int64_t l = l0 + lane;
+      A s = -INFINITY, dp = 0;
+      if (l < L && !mask.padded(b, l)) {
+        s = scale * dot(qr, q.sd, k.row(b, l, h), k.sd, d);
+        dp = dot(gr, go.sd, v.row(b, l, h), v.sd, d);
+      }
+      const A m_new = max(mx, warp_max(s));
+      if (m_new == -INFINITY) continue;
       const A p = exp(s - m_new);
-      sum = sum * corr + p;
-      w = w * corr + p * dp;
+      const A corr = exp(mx - m_new);
+      sum = sum * corr + cuda::warp_sum(p);
+      w = w * corr + cuda::warp_sum(p * dp);
       mx = m_new;
     }
     if (lane == 0) {
@@ -145,20 +193,19 @@ __global__ void attention_grad_q_kernel(Rows<T> q, Rows<T> k, Rows<T> v, Rows<T>
       A acc[kPerLane] = {};
       for (int64_t b = b_begin; b < b_end; ++b) {
         const int64_t stat = (b * C + c) * H + h;
+        const A row_lse = lse[stat], row_delta = delta[stat];
+        if (row_lse == A(INFINITY)) continue;  // every key padded: no gradient
         const T* qr = q.row(b, c, h);
         const T* gr = go.row(b, c, h);
-        for (int64_t l = 0; l < L; ++l) {
-          if (mask.padded(b, l)) continue;
-          const T* kr = k.row(b, l, h);
-          const A s = scale * warp_dot(qr, q.sd, kr, k.sd, d, lane);
-          const A p = exp(s - lse[stat]);
-          const A dp = warp_dot(gr, go.sd, v.row(b, l, h), v.sd, d, lane);
-          const A ds = p * (dp - delta[stat]) * scale;
-#pragma unroll
-          for (int i = 0; i < kPerLane; ++i) {
-            const int64_t j = j0 + lane + i * kWarp;
-            if (j < d) acc[i] += ds * static_cast<A>(kr[j * k.sd]);
+        for (int64_t l0 = 0; l0 < L; l0 += kWarp) {
+          const int64_t l = l0 + lane;
+          A ds = 0;
+          if (l < L && !mask.padded(b, l)) {
+            const A p = exp(scale * dot(qr, q.sd, k.row(b, l, h), k.sd, d) - row_lse);
+            ds = p * (dot(gr, go.sd, v.row(b, l, h), v.sd, d) - row_delta) * scale;
           }
+          const int n = lanes_used(L - l0);
+          accumulate_rows<T>(acc, ds, n, [&](int jj) { return k.row(b, l0 + jj, h); }, k.sd, j0, d, lane);
         }
       }
 #pragma unroll
@@ -170,7 +217,7 @@ __global__ void attention_grad_q_kernel(Rows<T> q, Rows<T> k, Rows<T> v, Rows<T>
   }
 }
 
-// grad_k, grad_v: one warp per key row (b, l, h), summing over the queries.
+// grad_k, grad_v: one warp per key row (b, l, h), summing over the queries 32 at a time.
 template <typename T>
 __global__ void attention_grad_kv_kernel(Rows<T> q, Rows<T> k, Rows<T> v, Rows<T> go, Mask mask, acc_t<T> scale,
                                          const acc_t<T>* __restrict__ lse, const acc_t<T>* __restrict__ delta,
@@ -185,22 +232,17 @@ __global__ void attention_grad_kv_kernel(Rows<T> q, Rows<T> k, Rows<T> v, Rows<T
     const T* vr = v.row(b, l, h);
     for (int64_t j0 = 0; j0 < d; j0 += kChunk) {
       A gk[kPerLane] = {}, gv[kPerLane] = {};
-      for (int64_t c = 0; c < C && !padded; ++c) {
-        const int64_t stat = (b * C + c) * H + h;
-        const T* qr = q.row(b, c, h);
-        const T* gr = go.row(b, c, h);
-        const A s = scale * warp_dot(qr, q.sd, kr, k.sd, d, lane);
-        const A p = exp(s - lse[stat]);
-        const A dp = warp_dot(gr, go.sd, vr, v.sd, d, lane);
-        const A ds = p * (dp - delta[stat]) * scale;
-#pragma unroll
-        for (int i = 0; i < kPerLane; ++i) {
-          const int64_t j = j0 + lane + i * kWarp;
-          if (j < d) {
-            gk[i] += ds * static_cast<A>(qr[j * q.sd]);
-            gv[i] += p * static_cast<A>(gr[j * go.sd]);
-          }
+      for (int64_t c0 = 0; c0 < C && !padded; c0 += kWarp) {
+        const int64_t c = c0 + lane;
+        A p = 0, ds = 0;
+        if (c < C) {
+          const int64_t stat = (b * C + c) * H + h;
+          p = exp(scale * dot(q.row(b, c, h), q.sd, kr, k.sd, d) - lse[stat]);  // 0 where lse = +inf
+          ds = p * (dot(go.row(b, c, h), go.sd, vr, v.sd, d) - delta[stat]) * scale;
         }
+        const int n = lanes_used(C - c0);
+        accumulate_rows<T>(gk, ds, n, [&](int jj) { return q.row(b, c0 + jj, h); }, q.sd, j0, d, lane);
+        accumulate_rows<T>(gv, p, n, [&](int jj) { return go.row(b, c0 + jj, h); }, go.sd, j0, d, lane);
       }
 #pragma unroll
       for (int i = 0; i < kPerLane; ++i) {

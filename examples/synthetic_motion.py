@@ -42,9 +42,9 @@ TINY_CONFIG = Path(__file__).resolve().parents[1] / "tests" / "configs" / "mpfas
 
 def linear_probe(train_cache, test_cache, epochs: int = 300, lr: float = 1e-2) -> float:
     """Top-1 of a logistic regression on mean-pooled (over frames) cached features."""
-    x_train = train_cache.features.mean(dim=2).flatten(0, 1)  # every view is a sample
+    x_train = train_cache.features[:].mean(dim=2).flatten(0, 1)  # every view is a sample
     y_train = train_cache.labels.repeat_interleave(train_cache.features.shape[1])
-    x_test = test_cache.features.mean(dim=2).mean(dim=1)
+    x_test = test_cache.features[:].mean(dim=2).mean(dim=1)
     torch.manual_seed(0)
     mean, std = x_train.mean(0), x_train.std(0) + 1e-6
     probe = torch.nn.Linear(x_train.shape[1], int(y_train.max()) + 1)
@@ -98,6 +98,8 @@ def main() -> None:
     parser.add_argument("--timing-model", default="ViT-B-32",
                         help="model of the cache speed-up measurement (random weights; 'mpfast-tiny' is quicker)")
     parser.add_argument("--timing-steps", type=int, default=2, help="training steps timed per mode")
+    parser.add_argument("--cache-dtype", default="float16", choices=("float16", "float32"),
+                        help="storage dtype of the feature cache")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -120,8 +122,10 @@ def main() -> None:
                             seed=args.seed)
 
     started = time.perf_counter()
-    train_cache = build_cache(model, videos("train"), out / "cache", args.model, progress=not args.no_progress)
-    test_cache = build_cache(model, videos("test"), out / "cache", args.model, progress=not args.no_progress)
+    train_cache = build_cache(model, videos("train"), out / "cache", args.model, dtype=args.cache_dtype,
+                              progress=not args.no_progress)
+    test_cache = build_cache(model, videos("test"), out / "cache", args.model, dtype=args.cache_dtype,
+                             progress=not args.no_progress)
     cache_seconds = time.perf_counter() - started
 
     zero_shot, _, _ = evaluate(model, FeatureDataset(test_cache), names)
@@ -130,7 +134,8 @@ def main() -> None:
     config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                          log_every=20, progress=not args.no_progress)
     trainer = Trainer(model, names, FeatureDataset(train_cache, train=True, seed=args.seed), config,
-                      output_dir=out / "motion", model_info={"model": args.model, "init_seed": args.seed})
+                      output_dir=out / "motion", model_info={"model": args.model, "init_seed": args.seed},
+                      overwrite=True)  # a rerun of the walk-through replaces its own run
     started = time.perf_counter()
     trainer.fit()
     train_seconds = time.perf_counter() - started

@@ -1,9 +1,10 @@
-"""Pieces shared by the Triton launchers: accumulator dtypes, feature views, support checks."""
+"""Pieces shared by the Triton launchers: accumulator dtypes, feature views, the device guard."""
 
 from __future__ import annotations
 
 import functools
 import math
+from typing import Callable, TypeVar
 
 import torch
 import triton.language as tl
@@ -33,20 +34,27 @@ def flatten_features(t: torch.Tensor, lead: int) -> torch.Tensor:
         return t.reshape(shape)
 
 
-def device_reasons(**tensors: torch.Tensor | None) -> list[str]:
-    """Reasons the Triton kernels cannot take these tensors (empty list: they can)."""
-    present = {name: t for name, t in tensors.items() if isinstance(t, torch.Tensor)}
-    reasons = []
-    devices = {t.device for t in present.values()}
-    if len(devices) > 1:
-        listing = ", ".join(f"{name} on {t.device}" for name, t in present.items())
-        reasons.append(f"triton needs every tensor on one device: {listing}")
-    for name, t in present.items():
-        if t.device.type not in ("cuda", "cpu"):
-            reasons.append(f"triton cannot read {name} on {t.device}")
-        if t.is_floating_point() and t.dtype not in SUPPORTED_DTYPES:
-            reasons.append(f"triton kernels take float16, bfloat16, float32 or float64; {name} is {t.dtype}")
-    return reasons
+Launcher = TypeVar("Launcher", bound=Callable)
+
+
+def on_tensor_device(launcher: Launcher) -> Launcher:
+    """Runs ``launcher`` with the CUDA device of its first argument current.
+
+    Triton launches on the current device (and its current stream), so without this a
+    tensor on ``cuda:1`` would be handed to a kernel running on ``cuda:0``. The guard is
+    entered only when the tensor's device is not already the current one (one device query
+    per call on CUDA, nothing for CPU tensors in interpreter mode).
+    """
+
+    @functools.wraps(launcher)
+    def launch(first: torch.Tensor, *args):
+        device = first.device
+        if device.type == "cuda" and device.index != torch.cuda.current_device():
+            with torch.cuda.device(device):
+                return launcher(first, *args)
+        return launcher(first, *args)
+
+    return launch  # type: ignore[return-value]
 
 
 @functools.lru_cache(maxsize=64)

@@ -1,13 +1,18 @@
 """Triton kernels of ``temporal_diff``: multi-stride frame differencing, forward and backward.
 
 Design: the trailing feature dimensions ``*F`` are collapsed into one (a view; only a
-layout that cannot be viewed that way is copied) and tiled in blocks of ``BLOCK_F``.
-One program handles one frame ``(b, t)`` and one feature block for every stride at
-once: it reads ``x[b, t]`` once, then for each stride ``k`` reads ``x[b, t + k]`` and
-writes ``out[b, s, t]`` (zeros where ``t + k >= T``), so every output element is
-written exactly once. The backward gathers, per frame, ``+grad[b, s, t - k]`` (where
-``t >= k``) and ``-grad[b, s, t]`` (where ``t + k < T``) over all strides in one pass.
-The grid is one-dimensional (feature block fastest), so any ``B * T * F`` fits.
+layout that cannot be viewed that way is copied) and tiled in blocks of ``BLOCK_F``
+(16 elements per thread: 16-byte vectors for 16-bit dtypes). The forward runs one
+program per output tile ``out[b, s, t, block]``: it loads ``x[b, t]`` and ``x[b, t + k_s]``
+(both skipped where ``t + k_s >= T``, which writes zeros) and stores the difference, with
+no loop, so every program has both loads in flight at once and the grid
+(``B * S * T * F / BLOCK_F`` programs) fills the GPU many times over; with ``t``
+fastest, a frame read as ``x[b, t + k]`` is read again as ``x[b, t]`` from L2, so DRAM
+sees ``x`` about once. The backward gathers, per frame tile, ``+grad[b, s, t - k]``
+(where ``t >= k``) and ``-grad[b, s, t]`` (where ``t + k < T``) over all strides in one
+loop without stores. ``S`` and ``T`` are not specialised on (one compilation serves
+every frame count); grids are one-dimensional (feature block fastest), so any
+``B * S * T * F`` fits.
 
 Limits: strides live in a small int32 table on the device (made once per stride list
 and device); strides at or beyond ``T`` are clamped to ``T`` (they give zeros either
@@ -23,14 +28,15 @@ import torch
 import triton
 import triton.language as tl
 
-from mpfast.ops._common import new_output
+from ._utils import acc_dtype, flatten_features, int_table, on_tensor_device
 
-from ._utils import acc_dtype, device_reasons, flatten_features, int_table
+# One program moves BLOCK_F elements of every tensor it touches: up to 16 per thread, in
+# 16-byte vectors for 16-bit dtypes, so that each SM keeps enough bytes in flight.
+MAX_BLOCK_F = 4096
+ELEMENTS_PER_THREAD = 16
 
-MAX_BLOCK_F = 2048
 
-
-@triton.jit
+@triton.jit(do_not_specialize=["S", "T"])
 def _temporal_diff_fwd_kernel(
     x_ptr, stride_xb, stride_xt, stride_xf,
     out_ptr, stride_ob, stride_os, stride_ot, stride_of,
@@ -38,28 +44,28 @@ def _temporal_diff_fwd_kernel(
     S, T, F,
     ACC: tl.constexpr, BLOCK_F: tl.constexpr,
 ):
+    # One program per output tile out[b, s, t, block]: two independent loads and one
+    # store, no loop, so nothing serialises the memory traffic of a program.
     pid = tl.program_id(0).to(tl.int64)
     num_f_blocks = tl.cdiv(F, BLOCK_F)
     f_block = pid % num_f_blocks
-    frame = pid // num_f_blocks
-    t = frame % T
-    b = frame // T
+    row = pid // num_f_blocks  # (b, s, t), t fastest: x[b, t + k] is read again as x[b, t] soon after
+    t = row % T
+    s = (row // T) % S
+    b = row // (T * S)
     offs = f_block * BLOCK_F + tl.arange(0, BLOCK_F)
     in_range = offs < F
 
+    k = tl.load(strides_ptr + s).to(tl.int64)
+    valid = t + k < T
     x_row = x_ptr + b * stride_xb + offs * stride_xf
-    x_t = tl.load(x_row + t * stride_xt, mask=in_range, other=0.0).to(ACC)
-    out_row = out_ptr + b * stride_ob + t * stride_ot + offs * stride_of
-    for s in range(S):
-        k = tl.load(strides_ptr + s).to(tl.int64)
-        valid = t + k < T
-        x_next = tl.load(x_row + (t + k) * stride_xt, mask=in_range & valid, other=0.0).to(ACC)
-        diff = tl.where(valid, x_next - x_t, 0.0)
-        tl.store(out_row, diff.to(out_ptr.dtype.element_ty), mask=in_range)
-        out_row += stride_os  # a pointer step, never s * stride in 32 bits
+    x_t = tl.load(x_row + t * stride_xt, mask=in_range & valid, other=0.0).to(ACC)
+    x_next = tl.load(x_row + (t + k) * stride_xt, mask=in_range & valid, other=0.0).to(ACC)
+    tl.store(out_ptr + b * stride_ob + s * stride_os + t * stride_ot + offs * stride_of,
+             (x_next - x_t).to(out_ptr.dtype.element_ty), mask=in_range)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["S", "T"])
 def _temporal_diff_bwd_kernel(
     grad_ptr, stride_gb, stride_gs, stride_gt, stride_gf,
     grad_x_ptr, stride_xb, stride_xt, stride_xf,
@@ -67,6 +73,8 @@ def _temporal_diff_bwd_kernel(
     S, T, F,
     ACC: tl.constexpr, BLOCK_F: tl.constexpr,
 ):
+    # One program per frame tile grad_x[b, t, block], summing over the strides; the loop
+    # has no store, and each iteration has two BLOCK_F loads in flight.
     pid = tl.program_id(0).to(tl.int64)
     num_f_blocks = tl.cdiv(F, BLOCK_F)
     f_block = pid % num_f_blocks
@@ -92,26 +100,25 @@ def _temporal_diff_bwd_kernel(
 
 
 def _launch_config(num_features: int) -> tuple[int, int]:
-    """``(BLOCK_F, num_warps)`` for a feature size: whole rows up to ``MAX_BLOCK_F``."""
+    """``(BLOCK_F, num_warps)`` for a feature size: whole rows up to ``MAX_BLOCK_F``,
+    ``ELEMENTS_PER_THREAD`` elements per thread (at most 8 warps)."""
     block = min(triton.next_power_of_2(max(num_features, 1)), MAX_BLOCK_F)
-    return block, max(1, min(8, block // 256))
+    return block, max(1, min(8, block // (32 * ELEMENTS_PER_THREAD)))
 
 
 def _table(strides: Sequence[int], frames: int, device: torch.device) -> torch.Tensor:
     return int_table(tuple(min(int(k), frames) for k in strides), device)
 
 
-def temporal_diff_fwd(x: torch.Tensor, strides: Sequence[int]) -> torch.Tensor:
-    """``x [B, T, *F] -> [B, S, T, *F]``, ``out[:, s, t] = x[:, t + k_s] - x[:, t]`` (0 past the end)."""
+@on_tensor_device
+def temporal_diff_fwd(x: torch.Tensor, strides: Sequence[int], out: torch.Tensor) -> None:
+    """Fills ``out [B, S, T, *F]`` with ``x[:, t + k_s] - x[:, t]`` (0 past the end) for ``x [B, T, *F]``."""
     batch, frames = x.shape[:2]
-    out = new_output((batch, len(strides), *x.shape[1:]), x)
-    if out.numel() == 0:
-        return out
     x3 = flatten_features(x, 2)
     out4 = out.view(batch, len(strides), frames, -1)
     num_features = x3.shape[2]
     block, warps = _launch_config(num_features)
-    grid = (batch * frames * triton.cdiv(num_features, block),)
+    grid = (batch * len(strides) * frames * triton.cdiv(num_features, block),)
     _temporal_diff_fwd_kernel[grid](
         x3, *x3.stride(),
         out4, *out4.stride(),
@@ -119,15 +126,12 @@ def temporal_diff_fwd(x: torch.Tensor, strides: Sequence[int]) -> torch.Tensor:
         len(strides), frames, num_features,
         ACC=acc_dtype(x.dtype), BLOCK_F=block, num_warps=warps,
     )
-    return out
 
 
-def temporal_diff_bwd(grad: torch.Tensor, strides: Sequence[int]) -> torch.Tensor:
-    """``grad [B, S, T, *F] -> grad_x [B, T, *F]`` (``grad`` may be strided or expanded)."""
+@on_tensor_device
+def temporal_diff_bwd(grad: torch.Tensor, strides: Sequence[int], grad_x: torch.Tensor) -> None:
+    """Fills ``grad_x [B, T, *F]`` from ``grad [B, S, T, *F]`` (which may be strided or expanded)."""
     batch, frames = grad.shape[0], grad.shape[2]
-    grad_x = new_output((batch, *grad.shape[2:]), grad)
-    if grad_x.numel() == 0:
-        return grad_x
     grad4 = flatten_features(grad, 3)
     grad_x3 = grad_x.view(batch, frames, -1)
     num_features = grad4.shape[3]
@@ -140,9 +144,3 @@ def temporal_diff_bwd(grad: torch.Tensor, strides: Sequence[int]) -> torch.Tenso
         len(strides), frames, num_features,
         ACC=acc_dtype(grad.dtype), BLOCK_F=block, num_warps=warps,
     )
-    return grad_x
-
-
-def temporal_diff_supports(x: torch.Tensor, strides: Sequence[int]) -> list[str]:
-    """Reasons these forward arguments cannot run on the Triton kernels (none so far beyond devices)."""
-    return device_reasons(x=x)

@@ -1,4 +1,8 @@
-"""``python -m mpfast.info``: versions and which backends can run here, and why not."""
+"""``python -m mpfast.info``: versions and which backends can run here, and why not.
+
+It only asks: nothing is compiled (a compiled backend not built yet says so), so it
+takes seconds on any machine.
+"""
 
 from __future__ import annotations
 
@@ -43,7 +47,11 @@ def main() -> int:
     for device, table in backends.items():
         print(f"\nbackends for {device} tensors:")
         for name, reason in table.items():
-            print(f"  {name:<10} {'available' if reason is None else 'unavailable: ' + reason}")
+            if reason is None:
+                reason = "available"
+            elif not reason.startswith("not built"):
+                reason = "unavailable: " + reason
+            print(f"  {name:<10} {reason}")
     return 0
 
 

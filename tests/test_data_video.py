@@ -23,7 +23,7 @@ from mpfast.data import (
     segment_indices,
 )
 from mpfast.data.synthetic import render_video, write_video
-from mpfast.transforms import VideoTransform
+from mpfast.data.transforms import VideoTransform
 
 
 @pytest.fixture(scope="module")

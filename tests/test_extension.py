@@ -23,7 +23,8 @@ import mpfast
 from mpfast import cli
 from mpfast.ops import (
     BackendUnavailableError,
-    _common,
+    _backends,
+    _spec,
     extension,
     motion_mix,
     motion_mix_ref,
@@ -32,18 +33,15 @@ from mpfast.ops import (
     temporal_diff_ref,
 )
 from mpfast.ops._registry import Backend
+from mpfast.ops.extension import library as extension_library
 
-from .conftest import required_backends
+from .conftest import runnable
 
 
 @pytest.fixture(scope="module")
 def ops():
     """``torch.ops.mpfast_cpp`` (compiled on first use)."""
-    reason = mpfast.ops.available_backends("cpu")["cpp"]
-    if reason is not None:
-        if "cpp" in required_backends():
-            pytest.fail(f"required backend cpp cannot run: {reason}")
-        pytest.skip(reason)
+    runnable("cpp", torch.device("cpu"))
     return torch.ops.mpfast_cpp
 
 
@@ -192,9 +190,9 @@ def test_wrong_argument_types_raise(ops, name):
 
 
 def test_outputs_written_in_place_through_registry(ops):
-    """The cpp backend allocates with new_output: poisoned outputs come back fully written."""
+    """The cpp backend fills the outputs the registration allocates: poisoned outputs come back fully written."""
     x = torch.randn(2, 5, 3, 4).permute(0, 1, 3, 2)  # features not mergeable: strided rows
-    with mpfast.ops.backend("cpp"), _common.poison_outputs():
+    with mpfast.ops.backend("cpp"), _spec.poison_outputs():
         out = mpfast.ops.temporal_diff(x, [1, 3])
     torch.testing.assert_close(out, temporal_diff_ref(x, [1, 3]), rtol=0, atol=0)
 
@@ -282,8 +280,8 @@ def test_library_for_another_torch_is_refused(ops, tmp_path, monkeypatch):
     with pytest.raises(BackendUnavailableError, match=expected):
         extension.check_metadata(copy, "cpp")
     # A prebuilt library (mpfast/_ext) is checked before it is loaded.
-    monkeypatch.setattr(extension, "_prebuilt_dir", lambda: copy.parent)
-    monkeypatch.setattr(extension, "_loaded", {})
+    monkeypatch.setattr(extension_library, "prebuilt_dir", lambda: copy.parent)
+    monkeypatch.setattr(extension_library, "_loaded", {})
     with pytest.raises(BackendUnavailableError, match="built for torch 2.0.0.*pip install --no-build-isolation"):
         extension.load("cpp")
 
@@ -298,9 +296,9 @@ def test_missing_compiler_makes_backend_unavailable(tmp_path, monkeypatch):
     """No cached build and no compiler: the reason reaches the registry (and mpfast.info); auto falls back."""
     monkeypatch.setenv("MPFAST_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("CXX", "mpfast-no-such-compiler")
-    monkeypatch.setattr(extension, "_loaded", {})
-    monkeypatch.setattr(extension, "_prebuilt_dir", lambda: tmp_path / "none")
-    backend = Backend("cpp", ("cpu",), lambda: extension.load_ops("cpp"))
+    monkeypatch.setattr(extension_library, "_loaded", {})
+    monkeypatch.setattr(extension_library, "prebuilt_dir", lambda: tmp_path / "none")
+    backend = Backend("cpp", ("cpu",), lambda: _backends._load_extension("cpp"))
     reason = backend.unavailable_reason("cpu")
     assert reason is not None and "no C++ compiler found" in reason and "mpfast-no-such-compiler" in reason
     assert not any(tmp_path.iterdir()), "nothing is built without a compiler"
@@ -315,18 +313,20 @@ def test_build_command_prints_where(ops, capsys):
 
 
 def test_setup_build_needs_only_torch():
-    """MPFAST_BUILD_EXT=1: setup.py lists the extension without importing mpfast (whose open_clip may be missing)."""
+    """MPFAST_BUILD_EXT=1: setup.py lists the extension without importing mpfast (whose open_clip may be
+    missing), and leaves no stand-in mpfast modules behind."""
     script = (
         "import runpy, sys, setuptools\n"
         "sys.modules['open_clip'] = None\n"
         "setuptools.setup = lambda **kw: print([e.name for e in kw['ext_modules']], sorted(kw['cmdclass']))\n"
         "runpy.run_path('setup.py', run_name='__main__')\n"
+        "print(sorted(name for name in sys.modules if name.startswith('mpfast')))\n"
     )
     env = {**os.environ, "MPFAST_BUILD_EXT": "1", "MPFAST_BUILD_CUDA": "0"}
     result = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).resolve().parent.parent, env=env,
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.strip().splitlines()[-1] == "['mpfast._ext.mpfast_cpp'] ['build_ext']"
+    assert result.stdout.strip().splitlines()[-2:] == ["['mpfast._ext.mpfast_cpp'] ['build_ext']", "[]"]
 
 
 def test_cuda_arch_flags(monkeypatch):

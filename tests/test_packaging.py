@@ -29,6 +29,7 @@ def test_wheel_ships_kernels_as_mpfast_kernels(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert "mpfast/kernels/__init__.py" in names
     assert "mpfast/ops/temporal_diff.py" in names
+    assert {"mpfast/model_configs/mpfast-tiny.json", "mpfast/profiling/budgets.json"} <= set(names)  # package data
     assert not any(name.startswith(("kernels/", "tests/")) for name in names)
     target = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],

@@ -11,6 +11,7 @@ interpreter.
 
 from __future__ import annotations
 
+import ast
 import copy
 import inspect
 import json
@@ -18,6 +19,7 @@ import os
 import re
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -34,14 +36,9 @@ KERNEL_MODULES = ("temporal_diff", "motion_mix", "prompt_attention")
 @pytest.fixture
 def triton_backend(device):
     """Skips (or fails, when CI requires it) unless the triton backend runs on ``device``."""
-    from .conftest import required_backends  # not at import: the compile subprocess imports this module
+    from .conftest import runnable  # not at import: the compile subprocess imports this module
 
-    reason = ops.available_backends(device.type)["triton"]
-    if reason is not None:
-        if "triton" in required_backends():
-            pytest.fail(f"required backend triton cannot run: {reason}")
-        pytest.skip(reason)
-    return "triton"
+    return runnable("triton", device)
 
 
 class _CountingKernel:
@@ -147,15 +144,75 @@ def test_strided_inputs_reach_the_kernels_uncopied(monkeypatch, device, triton_b
         assert t.data_ptr() in pointers, f"{name} was copied before reaching its kernel"
 
 
-def test_float64_attention_wider_than_128_is_refused(triton_backend):
+def test_float64_attention_wider_than_128_is_refused(triton_backend, device):
     """float64 tiles of a 256-wide head do not fit sm_80's shared memory at any block size."""
-    from mpfast.kernels.prompt_attention import prompt_attention_supports
+    from mpfast.kernels.prompt_attention import LIMITS
 
-    q, kv = torch.randn(3, 2, 256, dtype=torch.float64), torch.randn(1, 4, 2, 256, dtype=torch.float64)
-    assert prompt_attention_supports(q, kv, kv, 0.1) == [
-        "triton prompt_attention takes float64 head dims up to 128, got d=256"]
-    assert prompt_attention_supports(q[..., :128], kv[..., :128], kv[..., :128], 0.1) == []
-    assert prompt_attention_supports(q.float(), kv.float(), kv.float(), 0.1) == []
+    from mpfast.ops.prompt_attention import SPEC
+
+    def refusals(d, dtype):
+        q, kv = torch.randn(3, 2, d, dtype=dtype), torch.randn(1, 4, 2, d, dtype=dtype)
+        return LIMITS.refusals(SPEC.sizes, (q, kv, kv, 0.1, None), dtype)
+
+    assert refusals(256, torch.float64) == ["takes head_dim up to 128 for float64, got head_dim=256"]
+    assert refusals(128, torch.float64) == refusals(256, torch.float32) == []
+    assert refusals(257, torch.float32) == ["takes head_dim up to 256, got head_dim=257"]
+    q, kv = torch.randn(3, 2, 136, dtype=torch.float64, device=device), torch.randn(1, 4, 2, 136, dtype=torch.float64,
+                                                                                    device=device)
+    with ops.backend("triton"), pytest.raises(ops.BackendUnavailableError, match=r"head_dim up to 128 for float64, "
+                                              r"got head_dim=136 \(inputs: q \[3, 2, 136\] float64"):
+        ops.prompt_attention(q, kv, kv)
+
+
+def _launchers() -> dict[str, ast.FunctionDef]:
+    """``{module.function: node}`` of every function in kernels/<op>.py that launches a kernel."""
+    found = {}
+    for module_name in KERNEL_MODULES:
+        tree = ast.parse((ROOT / "kernels" / f"{module_name}.py").read_text())
+        for node in tree.body:
+            launches = [n for n in ast.walk(node) if isinstance(n, ast.Call) and isinstance(n.func, ast.Subscript)
+                        and getattr(n.func.value, "id", "").endswith("_kernel")]
+            if isinstance(node, ast.FunctionDef) and launches:
+                found[f"{module_name}.{node.name}"] = node
+    return found
+
+
+def test_every_launch_is_guarded_to_the_tensors_device():
+    """Triton launches on the current CUDA device: every launcher runs under ``on_tensor_device``
+    (checked on the source, so without a second GPU)."""
+    launchers = _launchers()
+    assert set(launchers) == {f"{m}.{m}_{p}" for m in KERNEL_MODULES for p in ("fwd", "bwd")}, sorted(launchers)
+    for name, node in launchers.items():
+        assert [ast.unparse(d) for d in node.decorator_list] == ["on_tensor_device"], name
+
+
+def test_device_guard_switches_only_to_another_device(monkeypatch):
+    """``on_tensor_device`` makes the tensor's GPU current around the launch, only when it is not already."""
+    pytest.importorskip("triton")
+    from mpfast.kernels._utils import on_tensor_device
+
+    entered, seen = [], []
+
+    class Guard:
+        def __init__(self, device):
+            self.device = device
+
+        def __enter__(self):
+            entered.append(self.device)
+            monkeypatch.setattr(torch.cuda, "current_device", lambda: self.device.index)
+
+        def __exit__(self, *exc):
+            monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "device", Guard)
+    launch = on_tensor_device(lambda first, *args: seen.append((torch.cuda.current_device(), args)))
+    on_gpu = types.SimpleNamespace  # a stand-in with the .device of a tensor on that GPU
+    launch(on_gpu(device=torch.device("cuda", 1)), "a")
+    launch(on_gpu(device=torch.device("cuda", 0)), "b")
+    launch(torch.zeros(1), "c")  # CPU (interpreter): no guard
+    assert entered == [torch.device("cuda", 1)]
+    assert seen == [(1, ("a",)), (0, ("b",)), (0, ("c",))]
 
 
 def _head(x, h, gate, q, k, v, mask):
@@ -214,23 +271,36 @@ def _recorded_launches() -> list[tuple[str, object, tuple, dict]]:
     for (module, name), kernel in originals.items():
         setattr(module, name, Recorder(kernel))
     calls = []
+
+    def run(module, args, grads=()):
+        """The module's forward launcher on ``args`` (its backward, given ``grads``) into outputs from the spec."""
+        op = module.__name__.rsplit(".", 1)[-1]
+        spec = importlib.import_module(f"mpfast.ops.{op}").SPEC
+        if not grads:
+            getattr(module, f"{op}_fwd")(*args, *(torch.empty(s, dtype=d) for s, d in spec.outputs(*args)))
+            return
+        saved = [args[spec.arg_names.index(n)] for n in spec.saved]
+        grad_inputs = (torch.empty(s, dtype=d) for s, d in spec.grad_outputs(*grads, *saved))
+        getattr(module, f"{op}_bwd")(*grads, *saved, *grad_inputs)
+
     try:
         for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
             def t(*shape):
                 return torch.randn(shape, dtype=dtype)
 
             start = len(launches)
-            td.temporal_diff_fwd(t(2, 8, 3000), [1, 4])
-            td.temporal_diff_bwd(t(2, 2, 8, 3000), [1, 4])
-            mm.motion_mix_fwd(t(2, 8, 512), t(2, 2, 8, 512), t(2, 512))
-            mm.motion_mix_bwd(t(2, 8, 512), t(2, 512), t(2, 512), t(2, 8, 512), t(2, 2, 8, 512), t(2, 512))
+            run(td, (t(2, 8, 3000), [1, 4]))
+            run(td, (t(2, 8, 3000), [1, 4]), [t(2, 2, 8, 3000)])
+            mix = (t(2, 8, 512), t(2, 2, 8, 512), t(2, 512))
+            run(mm, mix)
+            run(mm, mix, [t(2, 8, 512), t(2, 512), t(2, 512)])
             q, kv, mask = t(400, 8, 64), t(4, 24, 8, 64), torch.zeros(4, 24, dtype=torch.bool)
-            pa.prompt_attention_fwd(q, kv, kv, 0.125, mask)
-            pa.prompt_attention_bwd(t(4, 400, 8, 64), q, kv, kv, 0.125, mask)
+            run(pa, (q, kv, kv, 0.125, mask))
+            run(pa, (q, kv, kv, 0.125, mask), [t(4, 400, 8, 64)])
             widest = pa.MAX_HEAD_DIM_FLOAT64 if dtype == torch.float64 else pa.MAX_HEAD_DIM
             q, kv, mask = t(400, 8, widest), t(2, 256, 8, widest), torch.zeros(2, 256, dtype=torch.bool)
-            pa.prompt_attention_fwd(q, kv, kv, 0.125, mask)
-            pa.prompt_attention_bwd(t(2, 400, 8, widest), q, kv, kv, 0.125, mask)
+            run(pa, (q, kv, kv, 0.125, mask))
+            run(pa, (q, kv, kv, 0.125, mask), [t(2, 400, 8, widest)])
             calls += [(str(dtype).removeprefix("torch."), *launch) for launch in launches[start:]]
     finally:
         for (module, name), kernel in originals.items():

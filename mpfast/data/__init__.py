@@ -4,6 +4,8 @@ from .dataset import BrokenVideoLog, VideoDataset, collate_videos
 from .lists import (
     AnnotationError,
     VideoEntry,
+    check_class_names,
+    parse_class_names,
     read_class_names,
     read_hmdb51_split,
     read_kinetics_csv,
@@ -20,7 +22,7 @@ from .protocols import (
     few_shot_subset,
     mean_std,
 )
-from .transforms import ClipTransform
+from .transforms import ClipTransform, VideoTransform, preprocess_config
 from .video import SamplingConfig, VideoDecodeError, dense_indices, load_clips, segment_indices
 
 __all__ = [
@@ -32,7 +34,9 @@ __all__ = [
     "VideoDataset",
     "VideoDecodeError",
     "VideoEntry",
+    "VideoTransform",
     "average_views",
+    "check_class_names",
     "classification_metrics",
     "collate_videos",
     "dense_indices",
@@ -40,6 +44,8 @@ __all__ = [
     "few_shot_subset",
     "load_clips",
     "mean_std",
+    "parse_class_names",
+    "preprocess_config",
     "read_class_names",
     "read_hmdb51_split",
     "read_kinetics_csv",

@@ -12,13 +12,15 @@ resumed run loads it.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 from collections.abc import Sequence
+from dataclasses import asdict
 
 import numpy as np
 import torch
-from torch import Tensor
 from torch.utils.data import Dataset
 
 from .lists import VideoEntry
@@ -83,6 +85,24 @@ class VideoDataset(Dataset):
     def path(self, index: int) -> str:
         return os.path.join(self.root, self.entries[index].path)
 
+    video_path = path  # the name FeatureDataset shares (for messages)
+
+    def check_found(self) -> None:
+        """Raises :class:`FileNotFoundError` in one line when none of the videos exists (a wrong root, say).
+
+        Stops at the first video found, so a good list costs one ``stat``.
+        """
+        if any(os.path.exists(self.path(index)) for index in range(len(self.entries))):
+            return
+        raise FileNotFoundError(f"nothing could be read: none of the {len(self.entries)} videos of the list exists "
+                                f"(first tried: {self.path(0)!r}); root: {os.path.abspath(self.root)!r}")
+
+    def fingerprint(self) -> str:
+        """Digest of what this dataset serves: paths, labels, sampling, views and transform (not the root)."""
+        material = {"entries": [[entry.path, entry.label] for entry in self.entries], "sampling": asdict(self.sampling),
+                    "clips": self.num_clips, "transform": self.transform.describe()}
+        return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()
+
     def __len__(self) -> int:
         return len(self.entries)
 
@@ -142,10 +162,6 @@ class BrokenVideoLog:
         return f"{len(self.failed)} video(s) skipped, {self.short} clip(s) from videos shorter than the clip"
 
     def report(self) -> None:
-        """Logs the summary (a warning when any video was skipped)."""
-        (logger.warning if self.failed else logger.info)(self.summary())
+        """Logs the summary (a warning when any video was skipped or shorter than the clip)."""
+        (logger.warning if self.failed or self.short else logger.info)(self.summary())
 
-
-def stack_views(video: Tensor) -> Tensor:
-    """``[B, V, T, 3, S, S] -> [B * V, T, 3, S, S]`` for :meth:`MotionCLIP.encode_frames`."""
-    return video.flatten(0, 1)

@@ -2,9 +2,11 @@
 
 Common format, one video per line: ``relative/path.mp4 label_index`` (the path may contain
 spaces; the label is the last field), with a class-name file in CSV form ``id,name``
-(ids ``0..C-1``, optional header line ``id,name``). Every reader returns
-``(entries, class_names)`` with ``entries`` a list of :class:`VideoEntry`, and raises
-:class:`AnnotationError` naming the file and line of anything malformed.
+(ids ``0..C-1``, optional header line ``id,name``) or one name per line. Every reader
+returns ``(entries, class_names)`` with ``entries`` a list of :class:`VideoEntry`, and
+raises :class:`AnnotationError` naming the file and line of anything malformed. Files
+are UTF-8, with or without a byte-order mark. Class names must be distinct (CLIP's
+tokenizer ignores case and repeated spaces, so "Run" and "run" are the same class).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import csv
 import dataclasses
 import os
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 
@@ -37,7 +39,7 @@ class VideoEntry:
 def _lines(path: str | os.PathLike) -> Iterable[tuple[int, str]]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"annotation file {os.fspath(path)!r} does not exist")
-    with open(path, encoding="utf-8") as handle:
+    with open(path, encoding="utf-8-sig") as handle:
         for number, line in enumerate(handle, start=1):
             line = line.strip()
             if line and not line.startswith("#"):
@@ -76,34 +78,79 @@ def write_list(path: str | os.PathLike, entries: Sequence[VideoEntry]) -> None:
         handle.writelines(f"{entry.path} {entry.label}\n" for entry in entries)
 
 
+def _name_key(name: str) -> str:
+    return " ".join(name.casefold().split())
+
+
+def check_class_names(names: Sequence[str], where: Callable[[int], str] = lambda i: f"class {i}") -> list[str]:
+    """Returns ``names`` if they are distinct non-empty strings; else raises ``ValueError`` naming the repeats.
+
+    Names are compared as CLIP's tokenizer sees them: ignoring case and repeated spaces.
+    ``where(i)`` describes the position of name ``i`` in the error message.
+    """
+    seen: dict[str, int] = {}
+    for index, name in enumerate(names):
+        if not isinstance(name, str) or not name.strip():
+            raise ValueError(f"{where(index)}: class name is empty")
+        key = _name_key(name)
+        if key in seen:
+            raise ValueError(f"{where(index)}: class name {name!r} repeats {names[seen[key]]!r} of {where(seen[key])}")
+        seen[key] = index
+    return list(names)
+
+
+def parse_class_names(value: str) -> list[str]:
+    """Class names from a class-name file (see :func:`read_class_names`) or a comma-separated list.
+
+    A value naming an existing file is read as a file; a value that looks like a path
+    (a path separator, or ending in ``.csv``/``.txt``) but is not a file raises
+    ``FileNotFoundError``; anything else is split at commas (``"run,jump,walk"``).
+    """
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"class names must be a file or a comma-separated list, got {value!r}")
+    if os.path.isfile(value):
+        return read_class_names(value)
+    if os.sep in value or value.lower().endswith((".csv", ".txt")):
+        raise FileNotFoundError(f"class-name file {value!r} does not exist")
+    names = [name.strip() for name in value.lstrip("\ufeff").split(",")]
+    return check_class_names(names, lambda i: f"class list {value!r}, name {i + 1}")
+
+
 def read_class_names(path: str | os.PathLike) -> list[str]:
-    """Reads an ``id,name`` CSV of class names; ids must be ``0..C-1`` (any order)."""
-    names: dict[int, str] = {}
+    """Reads class names: an ``id,name`` CSV (ids ``0..C-1`` in any order, optional ``id,name``
+    header) or, when the first line is a single non-numeric field, one name per line."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"class-name file {os.fspath(path)!r} does not exist")
-    with open(path, encoding="utf-8", newline="") as handle:
-        for number, row in enumerate(csv.reader(handle), start=1):
-            if not row or not "".join(row).strip():
-                continue
-            if number == 1 and [cell.strip().lower() for cell in row] == ["id", "name"]:
-                continue
-            if len(row) != 2:
-                raise AnnotationError(path, number, f"expected 'id,name', got {','.join(row)!r}")
-            try:
-                index = int(row[0])
-            except ValueError:
-                raise AnnotationError(path, number, f"class id must be an integer, got {row[0]!r}") from None
-            name = row[1].strip()
-            if not name:
-                raise AnnotationError(path, number, "class name is empty")
-            if index in names:
-                raise AnnotationError(path, number, f"class id {index} appears twice")
-            names[index] = name
+    with open(path, encoding="utf-8-sig", newline="") as handle:
+        rows = [(number, row) for number, row in enumerate(csv.reader(handle), start=1) if "".join(row).strip()]
+    if not rows:
+        raise AnnotationError(path, None, "no classes listed")
+    if [cell.strip().lower() for cell in rows[0][1]] == ["id", "name"]:
+        rows = rows[1:]
+    elif len(rows[0][1]) == 1 and not rows[0][1][0].strip().lstrip("-").isdigit():  # one name per line
+        with open(path, encoding="utf-8-sig") as handle:
+            numbered = [(number, line.strip()) for number, line in enumerate(handle, start=1) if line.strip()]
+        return check_class_names([name for _, name in numbered], lambda i: f"{os.fspath(path)}:{numbered[i][0]}")
+    names: dict[int, str] = {}
+    lines: dict[int, int] = {}
+    for number, row in rows:
+        if len(row) != 2:
+            raise AnnotationError(path, number, f"expected 'id,name', got {','.join(row)!r}")
+        try:
+            index = int(row[0])
+        except ValueError:
+            raise AnnotationError(path, number, f"class id must be an integer, got {row[0]!r}") from None
+        name = row[1].strip()
+        if not name:
+            raise AnnotationError(path, number, "class name is empty")
+        if index in names:
+            raise AnnotationError(path, number, f"class id {index} appears twice")
+        names[index], lines[index] = name, number
     if not names:
         raise AnnotationError(path, None, "no classes listed")
     if sorted(names) != list(range(len(names))):
         raise AnnotationError(path, None, f"class ids must be 0..{len(names) - 1}, got {sorted(names)}")
-    return [names[i] for i in range(len(names))]
+    return check_class_names([names[i] for i in range(len(names))], lambda i: f"{os.fspath(path)}:{lines[i]}")
 
 
 def write_class_names(path: str | os.PathLike, names: Sequence[str]) -> None:
@@ -190,7 +237,7 @@ def read_kinetics_csv(csv_path: str | os.PathLike, class_names: Sequence[str] | 
     """
     if not os.path.isfile(csv_path):
         raise FileNotFoundError(f"annotation file {os.fspath(csv_path)!r} does not exist")
-    with open(csv_path, encoding="utf-8", newline="") as handle:
+    with open(csv_path, encoding="utf-8-sig", newline="") as handle:
         reader = csv.DictReader(handle)
         missing = {"label", "youtube_id", "time_start", "time_end"} - set(reader.fieldnames or ())
         if missing:

@@ -1,8 +1,9 @@
 """Training engine: feature cache, trainer, checkpoints, distributed helpers, CLI commands."""
 
-from .cache import FeatureCache, FeatureDataset, build_cache
-from .checkpoint import load_checkpoint, load_head, save_checkpoint
-from .trainer import TrainConfig, Trainer, evaluate
+from .cache import CacheError, FeatureCache, FeatureDataset, build_cache, list_caches, prune_caches
+from .checkpoint import NonFiniteError, load_checkpoint, load_head, save_checkpoint
+from .trainer import TrainConfig, Trainer, check_output_dir, evaluate
 
-__all__ = ["FeatureCache", "FeatureDataset", "TrainConfig", "Trainer", "build_cache", "evaluate", "load_checkpoint",
-           "load_head", "save_checkpoint"]
+__all__ = ["CacheError", "FeatureCache", "FeatureDataset", "NonFiniteError", "TrainConfig", "Trainer", "build_cache",
+           "check_output_dir", "evaluate", "list_caches", "load_checkpoint", "load_head", "prune_caches",
+           "save_checkpoint"]

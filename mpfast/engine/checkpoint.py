@@ -5,7 +5,8 @@ and its config as JSON metadata; a training checkpoint adds the optimiser state
 (``optimizer.*``), the RNG states (``rng.*``) and, as JSON, the scheduler, the step and
 the optimiser's hyper-parameters. Loading reads tensors and JSON only: nothing is
 unpickled. Files are written to a temporary name in the same folder, flushed, and
-renamed over the target, so a crash never leaves a half-written checkpoint.
+renamed over the target, so a crash never leaves a half-written checkpoint. A head or
+optimiser state with non-finite values (a diverged run) is neither written nor loaded.
 """
 
 from __future__ import annotations
@@ -24,8 +25,23 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..model import HeadConfig, MotionCLIP
+from .files import set_default_mode
 
 FORMAT = "mpfast-checkpoint-1"
+
+
+class NonFiniteError(FloatingPointError):
+    """A non-finite (inf or NaN) loss, gradient, logit or checkpoint tensor."""
+
+
+def non_finite_names(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """Names of the floating-point tensors that hold an inf or NaN."""
+    return [name for name, tensor in tensors.items()
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
+
+
+def _describe_names(names: list[str]) -> str:
+    return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
 
 
 def head_state_dict(model: MotionCLIP) -> dict[str, torch.Tensor]:
@@ -42,6 +58,7 @@ def atomic_save(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metad
     os.close(handle)
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, temporary, metadata=metadata)
+        set_default_mode(temporary)  # mkstemp and save_file make 0600 files
         with open(temporary, "rb") as written:
             os.fsync(written.fileno())
         os.replace(temporary, path)
@@ -49,6 +66,11 @@ def atomic_save(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metad
         if os.path.exists(temporary):
             os.remove(temporary)
         raise
+    directory = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(directory)  # the rename itself survives a power cut
+    finally:
+        os.close(directory)
 
 
 def _config_json(config: HeadConfig) -> str:
@@ -92,6 +114,10 @@ def save_checkpoint(path: str | os.PathLike, model: MotionCLIP, *, model_info: d
         python_state = random.getstate()
         state["rng_python"] = [python_state[0], list(python_state[1]), python_state[2]]
         metadata["train_state"] = json.dumps(state)
+    bad = non_finite_names({k: v for k, v in tensors.items() if not k.startswith("rng.")})
+    if bad:
+        raise NonFiniteError(f"not writing checkpoint {os.fspath(path)!r}: {len(bad)} tensor(s) hold inf or NaN "
+                             f"({_describe_names(bad)})")
     atomic_save(tensors, path, metadata)
 
 
@@ -121,6 +147,10 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
         raise ValueError(f"{path!r} is not a safetensors checkpoint ({exc})") from exc
     if metadata.get("format") != FORMAT:
         raise ValueError(f"{path!r} is not an mpfast checkpoint (format {metadata.get('format')!r}, expected {FORMAT!r})")
+    bad = non_finite_names({k: v for k, v in tensors.items() if not k.startswith("rng.")})
+    if bad:
+        raise ValueError(f"checkpoint {path!r} holds inf or NaN in {len(bad)} tensor(s) ({_describe_names(bad)}): "
+                         "it comes from a diverged run and cannot be used; take an earlier checkpoint or train again")
     config = HeadConfig.from_options(**json.loads(metadata["head_config"]))
     head, optimizer, rng = {}, {}, {}
     for name, tensor in tensors.items():

@@ -15,6 +15,7 @@ import datetime
 import logging
 import os
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -65,6 +66,15 @@ def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
     if is_distributed():
         dist.all_reduce(value, op=dist.ReduceOp.SUM)
     return value
+
+
+def broadcast_object(value: Any, source: int = 0) -> Any:
+    """``value`` of process ``source`` on every process (pickled between our own processes)."""
+    if not is_distributed():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=source)
+    return box[0]
 
 
 def sum_gradients(parameters: Iterable[torch.nn.Parameter]) -> None:

@@ -1,24 +1,100 @@
-"""``create_model_and_transforms``: open_clip's factory, for videos."""
+"""``create_model_and_transforms``: open_clip's factory, for videos.
+
+Model names are open_clip's (``open_clip.list_models()``), plus the configs shipped in
+``mpfast/model_configs/`` (``mpfast-tiny``, a random-weight model small enough for tests
+and the CPU walk-through), registered with open_clip the first time they are asked for.
+:func:`add_model_config` registers any other open_clip config, from a file or a dict
+(as a checkpoint stores it).
+"""
 
 from __future__ import annotations
 
+import atexit
+import json
 import logging
 import os
+import shutil
 import socket
+import tempfile
 import urllib.parse
-from typing import Callable
+from pathlib import Path
+from typing import Any, Callable
 
 import open_clip
 import torch
-from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 
-from ..transforms import VideoTransform
+from ..data.transforms import VideoTransform, preprocess_config
 from .config import HeadConfig
 from .motion_clip import MotionCLIP
 
 logger = logging.getLogger("mpfast.model")
 
 _CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
+PRECISIONS = ("fp32", "bf16", "fp16")  # open_clip precisions of the frozen CLIP: weights cast to that dtype
+SHIPPED_CONFIGS = Path(__file__).resolve().parent.parent / "model_configs"  # installed package data
+_REQUIRED_CONFIG_KEYS = ("embed_dim", "vision_cfg", "text_cfg")  # open_clip ignores a config without them
+_config_dir: str | None = None  # this process's folder of configs registered from dicts
+
+
+def shipped_model_names() -> list[str]:
+    """Names of the open_clip configs that ship with mpfast (``mpfast-tiny``)."""
+    return sorted(path.stem for path in SHIPPED_CONFIGS.glob("*.json"))
+
+
+def _check_config(config: Any, where: str) -> None:
+    if not isinstance(config, dict) or not all(key in config for key in _REQUIRED_CONFIG_KEYS):
+        raise ValueError(f"{where} is not an open_clip model config: it needs the keys {list(_REQUIRED_CONFIG_KEYS)}")
+
+
+def add_model_config(config: str | os.PathLike | dict, name: str | None = None) -> str:
+    """Registers an open_clip model config; returns the model name it is known by.
+
+    Args:
+        config: a JSON file (its name without ``.json`` is the model name) or a config
+            dict (as :func:`open_clip.get_model_config` returns it; needs ``name``).
+        name: the model name of a dict config.
+
+    A name already registered with the same config is left alone; with another config,
+    the new one replaces it in this process.
+    """
+    if isinstance(config, dict):
+        if not name:
+            raise ValueError("a config given as a dict needs a model name")
+        _check_config(config, f"the config of {name!r}")
+        if open_clip.get_model_config(name) == config:
+            return name
+        global _config_dir
+        if _config_dir is None:
+            _config_dir = tempfile.mkdtemp(prefix="mpfast-model-configs-")
+            atexit.register(shutil.rmtree, _config_dir, True)
+        folder = Path(tempfile.mkdtemp(dir=_config_dir))  # one folder per registration: later ones win
+        path = folder / f"{name}.json"
+        path.write_text(json.dumps(config), encoding="utf-8")
+        open_clip.add_model_config(path)
+        return name
+    path = Path(config)
+    if not path.is_file():
+        raise FileNotFoundError(f"model config {os.fspath(path)!r} does not exist")
+    try:
+        loaded = json.loads(path.read_text(encoding="utf-8-sig"))
+    except ValueError as exc:
+        raise ValueError(f"model config {os.fspath(path)!r} is not valid JSON ({exc})") from None
+    _check_config(loaded, f"model config {os.fspath(path)!r}")
+    if name is not None and name != path.stem:
+        raise ValueError(f"model config {os.fspath(path)!r} registers {path.stem!r}, not {name!r}")
+    if open_clip.get_model_config(path.stem) != loaded:
+        open_clip.add_model_config(path)
+    return path.stem
+
+
+def known_model(model_name: str) -> bool:
+    """Whether open_clip can build ``model_name`` (mpfast's shipped configs are registered on demand)."""
+    if model_name.startswith(("hf-hub:", "local-dir:")) or model_name in open_clip.list_models():
+        return True
+    if model_name in shipped_model_names():
+        add_model_config(SHIPPED_CONFIGS / f"{model_name}.json")
+        return True
+    return False
 
 
 def _offline_message(model_name: str, pretrained: str, cause: str) -> str:
@@ -53,13 +129,18 @@ def create_clip(model_name: str, pretrained: str | None = None, device: str | to
                 precision: str = "fp32", cache_dir: str | None = None):
     """Creates the open_clip model (random weights when ``pretrained`` is None).
 
-    Returns:
-        ``(clip, image_size, mean, std)``.
+    ``precision`` is one of :data:`PRECISIONS`; with ``bf16``/``fp16`` the weights are cast
+    (open_clip keeps its LayerNorms in float32) and :meth:`MotionCLIP.encode_frames` casts
+    the frames to match. Image size, mean and std: :func:`mpfast.data.preprocess_config`.
     """
     if not isinstance(model_name, str) or not model_name:
         raise TypeError(f"model_name must be an open_clip model name, got {model_name!r}")
-    if not model_name.startswith("hf-hub:") and model_name not in open_clip.list_models():
-        raise ValueError(f"unknown model_name {model_name!r}; open_clip.list_models() lists the known ones")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if not known_model(model_name):
+        raise ValueError(f"unknown model_name {model_name!r}; open_clip.list_models() lists the known ones, "
+                         f"mpfast ships {shipped_model_names()}; register others with --model-config FILE "
+                         f"(mpfast.model.add_model_config)")
     if pretrained is not None:
         if not isinstance(pretrained, (str, os.PathLike)):
             raise TypeError(f"pretrained must be an open_clip tag or a checkpoint path, got {type(pretrained).__name__}")
@@ -81,12 +162,7 @@ def create_clip(model_name: str, pretrained: str | None = None, device: str | to
         if pretrained is None or os.path.isfile(pretrained):
             raise
         raise RuntimeError(_offline_message(model_name, pretrained, f"{type(exc).__name__}: {exc}")) from exc
-    visual = clip.visual
-    size = visual.image_size
-    size = size[0] if isinstance(size, (tuple, list)) else size
-    mean = getattr(visual, "image_mean", None) or OPENAI_DATASET_MEAN
-    std = getattr(visual, "image_std", None) or OPENAI_DATASET_STD
-    return clip, int(size), tuple(mean), tuple(std)
+    return clip
 
 
 def create_model_and_transforms(
@@ -108,8 +184,8 @@ def create_model_and_transforms(
             downloaded) or the path of a local checkpoint file; ``None``: random weights.
         num_frames: frames per video the head is sized for.
         device: where to put the model.
-        precision: open_clip precision of the frozen CLIP (``"fp32"``, ``"bf16"``, ...);
-            the head stays float32.
+        precision: precision of the frozen CLIP, one of :data:`PRECISIONS` (``"fp32"``,
+            ``"bf16"``, ``"fp16"``); the head stays float32.
         cache_dir: where open_clip caches downloads.
         **head_options: fields of :class:`mpfast.model.HeadConfig` (``strides``,
             ``num_prompts``, ``num_heads``, ``templates``, ...).
@@ -118,7 +194,8 @@ def create_model_and_transforms(
         ``(model, train_transform, eval_transform, tokenizer)``.
     """
     config = HeadConfig.from_options(num_frames=num_frames, **head_options)
-    clip, image_size, mean, std = create_clip(model_name, pretrained, device, precision, cache_dir)
+    clip = create_clip(model_name, pretrained, device, precision, cache_dir)
+    image_size, mean, std = preprocess_config(clip)
     tokenizer = open_clip.get_tokenizer(model_name)
     model = MotionCLIP(clip, config, tokenizer)
     if device is not None:

@@ -98,8 +98,12 @@ class MotionCLIP(nn.Module):
         if not video.is_floating_point():
             raise TypeError(f"video must be a float tensor (transformed frames), got {video.dtype}")
         batch, frames = video.shape[:2]
+        # A CLIP created with precision bf16/fp16 has its convolutions and linear layers in that dtype
+        # (open_clip keeps embeddings and norms in float32): cast the frames to match the first layer.
+        layers = (m for m in self.clip.visual.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
+        dtype = next((m.weight.dtype for m in layers), video.dtype)
         with torch.no_grad():
-            features = self.clip.encode_image(video.flatten(0, 1))
+            features = self.clip.encode_image(video.flatten(0, 1).to(dtype))
         return features.view(batch, frames, -1).to(self._head_dtype())
 
     def encode_video(self, video: Tensor) -> Tensor:

@@ -2,7 +2,8 @@
 
 ``temporal_diff``, ``motion_mix`` and ``prompt_attention`` dispatch to a backend
 (reference, triton, cpp, cuda) chosen per call; see :mod:`mpfast.ops._registry`.
-The ``*_ref`` functions are the plain-PyTorch specifications.
+The ``*_ref`` functions are the plain-PyTorch specifications; each op's ``SPEC`` states
+its facts once and :mod:`mpfast.ops._spec` registers it (and says how to add an op).
 """
 
 from . import _backends  # noqa: F401  (registers the backends)

@@ -11,11 +11,10 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.flop_counter import register_flop_formula
 
 from . import _common
+from ._spec import OpSpec, register
 
-OP = "motion_mix"
 EPS = 1e-12  # as torch.nn.functional.normalize
 
 
@@ -52,42 +51,6 @@ def motion_mix_backward_ref(
     return grad_h, grad_m, grad_gate
 
 
-@torch.library.custom_op("mpfast::motion_mix", mutates_args=())
-def _motion_mix_op(h: Tensor, m: Tensor, gate: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    return _common.forward(OP, (h, m, gate), h.device)
-
-
-@_motion_mix_op.register_fake
-def _(h, m, gate):
-    return h.new_empty(h.shape), h.new_empty((h.shape[0], h.shape[2])), h.new_empty((h.shape[0], h.shape[2]))
-
-
-@torch.library.custom_op("mpfast::motion_mix_backward", mutates_args=())
-def _motion_mix_backward_op(
-    grad_u: Tensor, grad_v: Tensor, grad_mu: Tensor, h: Tensor, m: Tensor, gate: Tensor, backend: str
-) -> tuple[Tensor, Tensor, Tensor]:
-    return _common.backward(OP, backend, (grad_u, grad_v, grad_mu, h, m, gate))
-
-
-@_motion_mix_backward_op.register_fake
-def _(grad_u, grad_v, grad_mu, h, m, gate, backend):
-    return h.new_empty(h.shape), m.new_empty(m.shape), gate.new_empty(gate.shape)
-
-
-def _setup_context(ctx, inputs, output):
-    h, m, gate = inputs
-    ctx.save_for_backward(h, m, gate)
-    ctx.backend = _common.resolve(OP, inputs, h.device)
-
-
-def _backward(ctx, grad_u, grad_v, grad_mu):
-    h, m, gate = ctx.saved_tensors
-    return _motion_mix_backward_op(grad_u, grad_v, grad_mu, h, m, gate, ctx.backend)
-
-
-_motion_mix_op.register_autograd(_backward, setup_context=_setup_context)
-
-
 def flops(h_shape: Sequence[int], m_shape: Sequence[int]) -> int:
     """Forward arithmetic: gated sum (2 per motion element), means, norm and scaling."""
     batch, streams, frames, dim = m_shape
@@ -97,14 +60,19 @@ def flops(h_shape: Sequence[int], m_shape: Sequence[int]) -> int:
     return mix + means + normalize + streams * dim  # tanh of the gates
 
 
-@register_flop_formula(torch.ops.mpfast.motion_mix)
-def _flop_formula(h_shape, m_shape, gate_shape, *args, out_shape=None, **kwargs) -> int:
-    return flops(h_shape, m_shape)
-
-
-@register_flop_formula(torch.ops.mpfast.motion_mix_backward)
-def _flop_formula_backward(gu, gv, gmu, h_shape, m_shape, gate_shape, *args, out_shape=None, **kwargs) -> int:
-    return 2 * flops(h_shape, m_shape)
+SPEC = OpSpec(
+    name="motion_mix",
+    schema="(Tensor h, Tensor m, Tensor gate) -> (Tensor u, Tensor v, Tensor mu)",
+    outputs=lambda h, m, gate: [(h.shape, h.dtype), ((h.shape[0], h.shape[2]), h.dtype),  # u [B,T,D], v [B,D]
+                                ((h.shape[0], h.shape[2]), h.dtype)],  # mu [B,D]
+    differentiable=("h", "m", "gate"),
+    saved=("h", "m", "gate"),
+    reference=motion_mix_ref,
+    reference_backward=motion_mix_backward_ref,
+    flops=lambda h, m, gate: flops(h, m),
+    sizes={"streams": lambda h, m, gate: m.shape[1]},
+)
+_op = register(SPEC)
 
 
 def _validate(h: Tensor, m: Tensor, gate: Tensor) -> None:
@@ -142,4 +110,4 @@ def motion_mix(h: Tensor, m: Tensor, gate: Tensor) -> tuple[Tensor, Tensor, Tens
     _validate(h, m, gate)
     if gate.dtype != h.dtype:
         gate = gate.to(h.dtype)
-    return _motion_mix_op(h, m, gate)
+    return _op(h, m, gate)

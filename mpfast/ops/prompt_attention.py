@@ -8,15 +8,13 @@ values ``[B,L,H,d]``; ``key_padding_mask[B,L]`` True marks a padded key (as in
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 from torch import Tensor
-from torch.utils.flop_counter import register_flop_formula
 
 from . import _common
-
-OP = "prompt_attention"
+from ._spec import OpSpec, register
 
 
 def _probabilities(q: Tensor, k: Tensor, scale: float, key_padding_mask: Tensor | None) -> Tensor:
@@ -55,64 +53,24 @@ def prompt_attention_backward_ref(
     return grad_q, grad_k, grad_v
 
 
-@torch.library.custom_op("mpfast::prompt_attention", mutates_args=())
-def _prompt_attention_op(
-    q: Tensor, k: Tensor, v: Tensor, scale: float, key_padding_mask: Optional[Tensor] = None
-) -> Tensor:
-    return _common.forward(OP, (q, k, v, scale, key_padding_mask), q.device)
-
-
-def _out_shape(q: Tensor, k: Tensor) -> tuple[int, ...]:
-    return (k.shape[0], *q.shape[-3:])
-
-
-@_prompt_attention_op.register_fake
-def _(q, k, v, scale, key_padding_mask=None):
-    return q.new_empty(_out_shape(q, k))
-
-
-@torch.library.custom_op("mpfast::prompt_attention_backward", mutates_args=())
-def _prompt_attention_backward_op(
-    grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, scale: float, key_padding_mask: Optional[Tensor], backend: str
-) -> tuple[Tensor, Tensor, Tensor]:
-    return _common.backward(OP, backend, (grad_out, q, k, v, scale, key_padding_mask))
-
-
-@_prompt_attention_backward_op.register_fake
-def _(grad_out, q, k, v, scale, key_padding_mask, backend):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
-
-
-def _setup_context(ctx, inputs, output):
-    q, k, v, scale, key_padding_mask = inputs
-    ctx.save_for_backward(q, k, v, key_padding_mask)
-    ctx.scale = scale
-    ctx.backend = _common.resolve(OP, inputs, q.device)
-
-
-def _backward(ctx, grad_out):
-    q, k, v, key_padding_mask = ctx.saved_tensors
-    grads = _prompt_attention_backward_op(grad_out, q, k, v, ctx.scale, key_padding_mask, ctx.backend)
-    return *grads, None, None
-
-
-_prompt_attention_op.register_autograd(_backward, setup_context=_setup_context)
-
-
 def flops(q_shape: Sequence[int], k_shape: Sequence[int]) -> int:
     """Matmul FLOPs of the forward (``q k^T`` and ``p v``), 2 per multiply-add."""
     batch, keys, heads, head_dim = k_shape
     return 4 * batch * heads * q_shape[-3] * keys * head_dim
 
 
-@register_flop_formula(torch.ops.mpfast.prompt_attention)
-def _flop_formula(q_shape, k_shape, *args, out_shape=None, **kwargs) -> int:
-    return flops(q_shape, k_shape)
-
-
-@register_flop_formula(torch.ops.mpfast.prompt_attention_backward)
-def _flop_formula_backward(grad_shape, q_shape, k_shape, *args, out_shape=None, **kwargs) -> int:
-    return 2 * flops(q_shape, k_shape)  # grad_v, grad_p, grad_q, grad_k (recompute not counted)
+SPEC = OpSpec(
+    name="prompt_attention",
+    schema="(Tensor q, Tensor k, Tensor v, float scale, Tensor? key_padding_mask=None) -> Tensor out",
+    outputs=lambda q, k, *_: [((k.shape[0], *q.shape[-3:]), q.dtype)],
+    differentiable=("q", "k", "v"),
+    saved=("q", "k", "v", "scale", "key_padding_mask"),
+    reference=prompt_attention_ref,
+    reference_backward=prompt_attention_backward_ref,
+    flops=lambda q, k, *_: flops(q, k),  # the backward: twice (grad_v, grad_p, grad_q, grad_k; recompute not counted)
+    sizes={"head_dim": lambda q, k, *_: k.shape[-1]},
+)
+_op = register(SPEC)
 
 
 def _validate(q: Tensor, k: Tensor, v: Tensor, scale, key_padding_mask) -> None:
@@ -166,4 +124,4 @@ def prompt_attention(
     q, k, v = _common.autocast_inputs(None, q, k, v)
     _validate(q, k, v, scale, key_padding_mask)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    return _prompt_attention_op(q, k, v, scale, key_padding_mask)
+    return _op(q, k, v, scale, key_padding_mask)

@@ -12,11 +12,9 @@ from typing import Sequence
 
 import torch
 from torch import Tensor
-from torch.utils.flop_counter import register_flop_formula
 
 from . import _common
-
-OP = "temporal_diff"
+from ._spec import OpSpec, register
 
 
 def default_strides(num_frames: int) -> tuple[int, int]:
@@ -51,47 +49,15 @@ def _validate(x: Tensor, strides) -> list[int]:
     _common.check_float_tensor("x", x, shape="")
     if x.dim() < 2:
         raise ValueError(f"x must have at least 2 dimensions [B,T,*F], got shape {tuple(x.shape)}")
-    if isinstance(strides, int) or not isinstance(strides, Sequence) or len(strides) == 0:
+    is_sequence = type(strides) in (list, tuple) or (not isinstance(strides, int) and isinstance(strides, Sequence))
+    if not is_sequence or len(strides) == 0:
         raise TypeError(f"strides must be a non-empty sequence of ints, got {strides!r}")
     for k in strides:
-        if isinstance(k, bool) or not isinstance(k, int):
+        if type(k) is not int and (isinstance(k, bool) or not isinstance(k, int)):
             raise TypeError(f"strides must contain ints, got {k!r} in {strides!r}")
         if k < 1:
             raise ValueError(f"strides must be >= 1, got {k} in {list(strides)}")
     return [int(k) for k in strides]
-
-
-@torch.library.custom_op("mpfast::temporal_diff", mutates_args=())
-def _temporal_diff_op(x: Tensor, strides: Sequence[int]) -> Tensor:
-    return _common.forward(OP, (x, strides), x.device)
-
-
-@_temporal_diff_op.register_fake
-def _(x, strides):
-    return x.new_empty((x.shape[0], len(strides), *x.shape[1:]))
-
-
-@torch.library.custom_op("mpfast::temporal_diff_backward", mutates_args=())
-def _temporal_diff_backward_op(grad: Tensor, strides: Sequence[int], backend: str) -> Tensor:
-    return _common.backward(OP, backend, (grad, strides))
-
-
-@_temporal_diff_backward_op.register_fake
-def _(grad, strides, backend):
-    return grad.new_empty((grad.shape[0], *grad.shape[2:]))
-
-
-def _setup_context(ctx, inputs, output):
-    x, strides = inputs
-    ctx.strides = strides
-    ctx.backend = _common.resolve(OP, inputs, x.device)
-
-
-def _backward(ctx, grad):
-    return _temporal_diff_backward_op(grad, ctx.strides, ctx.backend), None
-
-
-_temporal_diff_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def flops(x_shape: Sequence[int], strides: Sequence[int]) -> int:
@@ -100,14 +66,18 @@ def flops(x_shape: Sequence[int], strides: Sequence[int]) -> int:
     return sum(max(frames - k, 0) for k in strides) * batch * features
 
 
-@register_flop_formula(torch.ops.mpfast.temporal_diff)
-def _flop_formula(x_shape, strides, *args, out_shape=None, **kwargs) -> int:
-    return flops(x_shape, strides)
-
-
-@register_flop_formula(torch.ops.mpfast.temporal_diff_backward)
-def _flop_formula_backward(grad_shape, strides, *args, out_shape=None, **kwargs) -> int:
-    return 2 * flops(out_shape, strides)
+SPEC = OpSpec(
+    name="temporal_diff",
+    schema="(Tensor x, SymInt[] strides) -> Tensor out",
+    outputs=lambda x, strides: [((x.shape[0], len(strides), *x.shape[1:]), x.dtype)],
+    grads=lambda grad, strides: [((grad.shape[0], *grad.shape[2:]), grad.dtype)],
+    differentiable=("x",),
+    saved=("strides",),
+    reference=temporal_diff_ref,
+    reference_backward=temporal_diff_backward_ref,
+    flops=flops,
+)
+_op = register(SPEC)
 
 
 def temporal_diff(x: Tensor, strides: Sequence[int] | None = None) -> Tensor:
@@ -124,5 +94,4 @@ def temporal_diff(x: Tensor, strides: Sequence[int] | None = None) -> Tensor:
     """
     if isinstance(x, torch.Tensor) and x.dim() >= 2 and strides is None:
         strides = default_strides(x.shape[1])
-    strides = _validate(x, strides)
-    return _temporal_diff_op(x, strides)
+    return _op(x, _validate(x, strides))

@@ -7,6 +7,9 @@ import json
 import logging
 from pathlib import Path
 
+from ..cli import nonnegative_int, positive_int
+from .report import DTYPES, load_text, rate_text
+
 logger = logging.getLogger("mpfast.profiling")
 
 
@@ -32,12 +35,15 @@ def _summary(report: dict) -> str:
     lists = report["flops"]["text_encoder"]["per_class_list"]
     label = f"per class list ({lists['classes']} classes x {lists['templates']} template(s), text encoder)"
     lines.append(f"  {label}: {lists['gflops_fvcore_style']:.1f} | {lists['gflops_true']:.1f}")
-    lines.append("throughput (videos/s; latency p50/p90 ms per batch; head overhead vs bare CLIP frame encoder):")
+    lines.append(
+        f"throughput (videos/s of the median of {report['iterations']} calls [slowest, fastest]; latency p50/p90 ms "
+        f"per batch; head overhead vs bare CLIP frame encoder; load average {load_text(report, 'start')}):"
+    )
     for r in report["timing"]:
         b, m = r["clip_frame_encoder"], r["motionclip"]
         lines.append(
-            f"  T={r['frames']:>3} B={r['batch']:>3}  CLIP {b['videos_per_s']:8.3f}  "
-            f"MotionCLIP {m['videos_per_s']:8.3f}  p50 {m['latency_ms_p50']:9.1f}  p90 {m['latency_ms_p90']:9.1f}  "
+            f"  T={r['frames']:>3} B={r['batch']:>3}  CLIP {rate_text(b)}  MotionCLIP {rate_text(m)}  "
+            f"p50 {m['latency_ms_p50']:9.1f}  p90 {m['latency_ms_p90']:9.1f}  "
             f"overhead {100 * r['head_overhead']:+6.1f} %  peak {m['peak_memory_bytes'] / 2**20:,.0f} MiB"
         )
     lines.append(f"wall time {report['wall_time_s']:.0f} s")
@@ -49,6 +55,7 @@ def run_report(args: argparse.Namespace) -> int:
 
     options = ReportOptions(
         model=args.model,
+        model_configs=tuple(args.model_config),
         frames=args.frames,
         batches=args.batch,
         classes=args.classes,
@@ -81,30 +88,40 @@ def add_commands(subparsers) -> None:
         "what the head adds per video and per class list, and throughput/latency/peak memory against the "
         "bare CLIP frame encoder on this device.",
     )
-    parser.add_argument("--model", default="ViT-B-16", help="open_clip model name (default ViT-B-16)")
-    parser.add_argument("--frames", type=int, nargs="+", default=[8], help="frame counts T (default 8)")
+    parser.add_argument("--model", default="ViT-B-16", help="open_clip model name, or mpfast-tiny")
     parser.add_argument(
-        "--batch", type=int, nargs="+", default=None, help="batch sizes to time (default 1 2 on CPU, 1 8 32 on CUDA)"
+        "--model-config",
+        action="append",
+        default=[],
+        metavar="JSON",
+        help="register a custom open_clip model config file first (repeatable); its file name is the model name "
+        "(default: none)",
     )
+    parser.add_argument("--frames", type=positive_int, nargs="+", default=[8], help="frame counts T")
     parser.add_argument(
-        "--classes", type=int, default=400, help="number of classes C (random class features; default 400)"
+        "--batch", type=positive_int, nargs="+", default=None,
+        help="batch sizes to time (default: 1 2 on CPU, 1 8 32 on CUDA)",
     )
+    parser.add_argument("--classes", type=positive_int, default=400, help="number of classes C (random class features)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1... (default: cuda if available)")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument(
+        "--dtype", default="float32", choices=sorted(DTYPES), help="dtype of the whole model (CLIP and head)"
+    )
     parser.add_argument("--compile", action="store_true", help="time torch.compile-d callables")
     parser.add_argument(
-        "--warmup", type=int, default=None, help="untimed calls per measurement (default 1 CPU, 5 CUDA)"
+        "--warmup", type=nonnegative_int, default=None, help="untimed calls per measurement (default: 1 CPU, 5 CUDA)"
     )
     parser.add_argument(
-        "--iterations", type=int, default=None, help="timed calls per measurement (default 3 CPU, 20 CUDA)"
+        "--iterations", type=positive_int, default=None,
+        help="timed calls per measurement; the plots' error bars span them (default: 3 CPU, 20 CUDA)",
     )
     parser.add_argument("--no-sweep", action="store_true", help="skip counting the head over C, T and K")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("--json", default=None, metavar="PATH", help="write the report as JSON here")
+    parser.add_argument("--json", default=None, metavar="PATH", help="write the report as JSON here (default: none)")
     parser.add_argument(
         "--out",
         default=None,
         metavar="DIR",
-        help="write report.json, report.md, throughput.png and flops_by_module.png here",
+        help="write report.json, report.md, throughput.png and flops_per_video.png here (default: none)",
     )
     parser.set_defaults(func=run_report)

@@ -42,6 +42,7 @@ from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
+from ..data.transforms import preprocess_config
 from ..ops import default_strides
 from ..ops.motion_mix import flops as motion_mix_flops
 from ..ops.prompt_attention import flops as prompt_attention_flops
@@ -174,7 +175,6 @@ class FlopCount:
             counted module; ``""`` is the whole call), each in its own convention.
         skipped: per counter (``"fvcore"``, ``"torch"``), ops that ran but that the
             counter did not count, with their number of calls.
-        true_module_fvcore: FlopCounterMode's per-module counts converted to the fvcore convention.
     """
 
     fvcore: float
@@ -184,7 +184,6 @@ class FlopCount:
     fvcore_by_module: dict[str, float]
     true_by_module: dict[str, float]
     skipped: dict[str, dict[str, int]]
-    true_module_fvcore: dict[str, float] = dataclasses.field(default_factory=dict)
 
     @property
     def fvcore_as_true(self) -> float:
@@ -216,7 +215,6 @@ class FlopCount:
             scale(self.fvcore_by_module),
             scale(self.true_by_module),
             self.skipped,
-            scale(self.true_module_fvcore),
         )
 
     def minus(self, other: "FlopCount") -> "FlopCount":
@@ -233,7 +231,6 @@ class FlopCount:
             sub(self.fvcore_by_module, other.fvcore_by_module),
             sub(self.true_by_module, other.true_by_module),
             self.skipped,
-            sub(self.true_module_fvcore, other.true_module_fvcore),
         )
 
     def check_agreement(self, tolerance: float = AGREEMENT_TOLERANCE) -> None:
@@ -438,15 +435,11 @@ def count_flops(module: nn.Module, inputs: tuple, num_frames: int | None = None)
     for op, flops in counts.get("Global", {}).items():
         if flops:
             true_by_op[_short(str(op))] = true_by_op.get(_short(str(op)), 0.0) + float(flops)
-    true_by_module, module_fvcore = {}, {}
+    true_by_module = {}
     for name, per_op in counts.items():
-        if name == "Global":
-            continue
-        key = _strip_root(name, root)
-        true_by_module[key] = float(sum(per_op.values()))
-        module_fvcore[key] = _convert({_short(str(k)): v for k, v in per_op.items()}, _ELEMENTWISE_TORCH, 0.5)
+        if name != "Global":
+            true_by_module[_strip_root(name, root)] = float(sum(per_op.values()))
     true_by_module.setdefault("", float(counter.get_total_flops()))
-    module_fvcore.setdefault("", _convert(true_by_op, _ELEMENTWISE_TORCH, 0.5))
     registry = counter.flop_registry
     torch_skipped = {}
     for name, calls in sorted(recorder.calls.items()):
@@ -465,7 +458,6 @@ def count_flops(module: nn.Module, inputs: tuple, num_frames: int | None = None)
         fvcore_by_module,
         true_by_module,
         {"fvcore": fvcore_skipped, "torch": torch_skipped},
-        module_fvcore,
     )
     logger.info("counted %s: fvcore %.4g, FlopCounterMode %.4g true FLOPs", root, result.fvcore, result.true)
     return result
@@ -565,7 +557,6 @@ def _strip_model_prefix(count: FlopCount) -> FlopCount:
         count,
         fvcore_by_module=strip(count.fvcore_by_module),
         true_by_module=strip(count.true_by_module),
-        true_module_fvcore=strip(count.true_module_fvcore),
     )
 
 
@@ -573,16 +564,10 @@ def _param(model: nn.Module) -> Tensor:
     return next(model.parameters())
 
 
-def image_size(model: nn.Module) -> int:
-    """Input resolution of the CLIP image tower of a MotionCLIP."""
-    size = model.clip.visual.image_size
-    return int(size[0] if isinstance(size, (tuple, list)) else size)
-
-
 def frame_encoder_flops(model: nn.Module, num_frames: int, batch: int = 1) -> FlopCount:
     """FLOPs of the frozen frame encoder on ``batch`` videos of ``num_frames`` frames."""
     p = _param(model)
-    size = image_size(model)
+    size = preprocess_config(model.clip)[0]
     video = torch.randn(batch, num_frames, 3, size, size, device=p.device, dtype=p.dtype)
     return _strip_model_prefix(count_flops(_FrameEncoder(model), (video,)))
 

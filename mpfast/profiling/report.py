@@ -3,7 +3,9 @@
 Everything is measured on random weights (FLOPs and speed do not depend on the weight
 values) on the current device and dtype. Timing: warm-up calls first, then timed calls
 that alternate between the bare CLIP frame encoder and the whole MotionCLIP, so both see
-the same machine load; CUDA calls are timed with CUDA events; medians are reported.
+the same machine load; CUDA calls are timed with CUDA events; medians are reported with
+their spread (slowest and fastest timed call), and the machine's load average is
+recorded beside them. The plots use linear axes from zero.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
+from ..data.transforms import preprocess_config
 from . import counting
 
 logger = logging.getLogger("mpfast.profiling")
@@ -37,7 +40,8 @@ class ReportOptions:
     """What ``mpfast report`` measures.
 
     Attributes:
-        model: open_clip model name.
+        model: open_clip model name (register a custom config first with
+            :func:`mpfast.model.add_model_config`, or pass ``model_configs``).
         frames: frame counts T to measure.
         batches: batch sizes to time; ``None``: (1, 2) on CPU, (1, 8, 32) on CUDA.
         classes: number of classes C for the head (random class features).
@@ -47,6 +51,7 @@ class ReportOptions:
         warmup: untimed calls per measurement; ``None``: 1 on CPU, 5 on CUDA.
         iterations: timed calls per measurement; ``None``: 3 on CPU, 20 on CUDA.
         sweep: count the head over C, T and K (cheap; skipped for a quick report).
+        model_configs: open_clip config files to register before creating ``model``.
     """
 
     model: str = "ViT-B-16"
@@ -59,6 +64,7 @@ class ReportOptions:
     warmup: int | None = None
     iterations: int | None = None
     sweep: bool = True
+    model_configs: Sequence[str] = ()
 
     def __post_init__(self) -> None:
         def positive_ints(name: str, values) -> tuple[int, ...]:
@@ -118,9 +124,21 @@ def _summary(times: Sequence[float], batch: int) -> dict:
     return {
         "latency_ms_p50": 1e3 * median,
         "latency_ms_p90": 1e3 * _quantile(times, 0.9),
+        "latency_ms_min": 1e3 * min(times),
+        "latency_ms_max": 1e3 * max(times),
         "videos_per_s": batch / median,
+        "videos_per_s_min": batch / max(times),  # the slowest timed call
+        "videos_per_s_max": batch / min(times),  # the fastest timed call
         "samples": len(times),
     }
+
+
+def _load_average() -> list[float] | None:
+    """1, 5 and 15-minute load averages (None where the OS has none): other work on the machine."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
 
 
 def _peak_memory_bytes(device: torch.device) -> int:
@@ -181,8 +199,10 @@ def build_report(options: ReportOptions, progress: bool = True) -> dict:
     from tqdm.auto import tqdm
 
     import mpfast
-    from mpfast.model import create_model_and_transforms
+    from mpfast.model import add_model_config, create_model_and_transforms
 
+    for path in options.model_configs:
+        add_model_config(path)
     device = _default_device(options.device)
     on_cuda = device.type == "cuda"
     batches = options.batches or ((1, 8, 32) if on_cuda else (1, 2))
@@ -190,6 +210,7 @@ def build_report(options: ReportOptions, progress: bool = True) -> dict:
     iterations = options.iterations if options.iterations is not None else (20 if on_cuda else 3)
     dtype = DTYPES[options.dtype]
     started = time.perf_counter()
+    load_at_start = _load_average()
 
     count_steps = (
         2 * len(options.frames)
@@ -264,7 +285,7 @@ def build_report(options: ReportOptions, progress: bool = True) -> dict:
                     )
 
     # Speed: bare CLIP frame encoder vs the whole MotionCLIP, interleaved.
-    size = counting.image_size(model)
+    size = preprocess_config(model.clip)[0]
     class_features = torch.nn.functional.normalize(torch.randn(options.classes, model.dim, device=device), dim=-1).to(
         dtype
     )
@@ -309,6 +330,7 @@ def build_report(options: ReportOptions, progress: bool = True) -> dict:
         "weights": "random (no pretrained weights: FLOPs, parameters and speed do not depend on weight values)",
         "device": str(device),
         "device_description": _device_description(device),
+        "load_average": {"start": load_at_start, "end": _load_average()},
         "dtype": options.dtype,
         "compile": options.compile,
         "ops_backend": mpfast.ops.requested_backend(),
@@ -337,6 +359,16 @@ def build_report(options: ReportOptions, progress: bool = True) -> dict:
 
 def _fmt_int(n: float) -> str:
     return f"{int(n):,}"
+
+
+def rate_text(entry: dict) -> str:
+    """``median [slowest, fastest]`` videos/s of a timing entry."""
+    return f"{entry['videos_per_s']:.3f} [{entry['videos_per_s_min']:.3f}, {entry['videos_per_s_max']:.3f}]"
+
+
+def load_text(report: dict, when: str) -> str:
+    load = (report.get("load_average") or {}).get(when)
+    return ", ".join(f"{x:.2f}" for x in load) if load else "unknown"
 
 
 def render_markdown(report: dict) -> str:
@@ -466,7 +498,10 @@ def render_markdown(report: dict) -> str:
         "## Speed",
         "",
         f"{report['warmup']} warm-up and {report['iterations']} timed calls per row, bare encoder and MotionCLIP "
-        f"alternating; latency per batch; peak memory: {report['peak_memory_note']}.",
+        f"alternating; videos/s of the median call, in brackets the slowest and the fastest call; latency per "
+        f"batch; peak memory: {report['peak_memory_note']}. Load average (1, 5, 15 min) at the start "
+        f"{load_text(report, 'start')}, at the end {load_text(report, 'end')}: other work on the machine "
+        f"slows every row.",
         "",
         "| T | batch | CLIP frame encoder videos/s | MotionCLIP videos/s | MotionCLIP p50 ms | p90 ms | "
         "head overhead | peak memory MiB |",
@@ -475,7 +510,7 @@ def render_markdown(report: dict) -> str:
     for r in report["timing"]:
         b, m = r["clip_frame_encoder"], r["motionclip"]
         lines.append(
-            f"| {r['frames']} | {r['batch']} | {b['videos_per_s']:.3f} | {m['videos_per_s']:.3f} | "
+            f"| {r['frames']} | {r['batch']} | {rate_text(b)} | {rate_text(m)} | "
             f"{m['latency_ms_p50']:.1f} | {m['latency_ms_p90']:.1f} | {100 * r['head_overhead']:+.1f} % | "
             f"{m['peak_memory_bytes'] / 2**20:.0f} |"
         )
@@ -483,71 +518,110 @@ def render_markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-def _plot_throughput(report: dict, path: Path) -> None:
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for frames in report["frames"]:
-        rows = [r for r in report["timing"] if r["frames"] == frames]
-        batches = [r["batch"] for r in rows]
-        ax.plot(
-            batches,
-            [r["clip_frame_encoder"]["videos_per_s"] for r in rows],
-            "o--",
-            label=f"CLIP frame encoder, T={frames}",
-        )
-        ax.plot(batches, [r["motionclip"]["videos_per_s"] for r in rows], "o-", label=f"MotionCLIP, T={frames}")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("batch size (videos)")
-    ax.set_ylabel("videos / s")
-    ax.set_title(f"{report['model']} on {report['device']} ({report['dtype']})")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
+    return plt
+
+
+def throughput_figure(report: dict):
+    """Grouped bars from zero: videos/s of the bare CLIP frame encoder and of MotionCLIP for each
+    (T, batch size), with error bars from the slowest to the fastest timed call."""
+    plt = _pyplot()
+    rows = report["timing"]
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(rows) + 2), 4.2))
+    width = 0.38
+    for offset, (key, label, colour) in enumerate(
+        (("clip_frame_encoder", "bare CLIP frame encoder", "#9db4c0"), ("motionclip", "MotionCLIP", "#1f5f8b"))
+    ):
+        x = [i + (offset - 0.5) * width for i in range(len(rows))]
+        rates = [r[key]["videos_per_s"] for r in rows]
+        low = [r[key]["videos_per_s"] - r[key]["videos_per_s_min"] for r in rows]
+        high = [r[key]["videos_per_s_max"] - r[key]["videos_per_s"] for r in rows]
+        ax.bar(x, rates, width, label=label, color=colour, yerr=[low, high], capsize=4, ecolor="black")
+        for xi, rate in zip(x, rates):
+            ax.annotate(f"{rate:.3g}", (xi, rate), xytext=(0, 2), textcoords="offset points", ha="center",
+                        va="bottom", fontsize=7)
+    ax.set_xticks(range(len(rows)), [f"batch {r['batch']}\nT={r['frames']}" for r in rows])
+    ax.set_ylim(bottom=0)
+    ax.set_ylabel("videos / s (median call)")
+    ax.set_title(
+        f"{report['model']} on {report['device']} ({report['dtype']}): throughput\n"
+        f"error bars: slowest to fastest of {report['iterations']} timed calls",
+        fontsize=10,
+    )
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    return fig
 
 
-def _plot_flops(report: dict, path: Path) -> None:
-    import matplotlib
+def flops_breakdown(report: dict) -> list[tuple[str, dict[str, float]]]:
+    """Where a video's GFLOPs (fvcore-style) go, as stacked-bar rows ``(label, {part: GFLOPs})``.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    Parts are keys of :data:`FLOP_PARTS`. For each T two rows: one video classified alone
+    with a class list not yet encoded (what ``mpfast classify`` pays: frame encoder, head
+    per video, head per call and the text encoder over the class list), and one video of
+    a large batch with the class list cached (frame encoder and head per video only).
+    """
+    lists = report["flops"]["text_encoder"]["per_class_list"]
+    rows = []
+    for frames, encoder in report["flops"]["frame_encoder"].items():
+        head = report["flops"]["head"][frames]
+        per_video = {"encoder": encoder["gflops_fvcore_style"], "head/video": head["per_video"]["gflops_fvcore_style"]}
+        alone = {**per_video, "head/call": head["per_call"]["gflops_fvcore_style"],
+                 "text/list": lists["gflops_fvcore_style"]}
+        rows.append((f"T={frames}: one video,\nnew class list", alone))
+        rows.append((f"T={frames}: per video of a\nlarge batch, list cached", per_video))
+    return rows
 
-    frames = str(report["frames"][0])
-    encoder = report["flops"]["frame_encoder"][frames]["fvcore_by_module"]
-    head = report["flops"]["head"][frames]["per_video"]["fvcore_by_module"]
-    parts = {}
-    for name in ("clip.visual.conv1", "clip.visual.transformer", "clip.visual.ln_pre", "clip.visual.ln_post"):
-        if encoder.get(name):
-            parts["CLIP " + name.split(".")[-1]] = encoder[name]
-    for name in ("motion", "prompts", "communication"):
-        parts["head " + name] = head.get(name, 0.0)
-    parts["head logits"] = head.get("", 0.0) - sum(head.get(n, 0.0) for n in ("motion", "prompts", "communication"))
-    labels = list(parts)
-    values = [_g(parts[k]) for k in labels]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.barh(labels, values)
-    ax.set_xscale("log")
-    ax.set_xlabel("GFLOPs per video, fvcore-style (log scale)")
-    ax.set_title(f"{report['model']}, T={frames}, C={report['classes']}: FLOPs by module")
-    for i, v in enumerate(values):
-        ax.text(v, i, f" {v:.3g}", va="center", fontsize=8)
+
+FLOP_PARTS = {  # short name: (legend, colour)
+    "encoder": ("frozen CLIP frame encoder (T frames)", "#1f5f8b"),
+    "head/video": ("head, per video", "#e4572e"),
+    "head/call": ("head, per call: class-side projections", "#f3a712"),
+    "text/list": ("text encoder, once per class list (cached)", "#76b041"),
+}
+
+
+def flops_figure(report: dict):
+    """Stacked horizontal bars on a linear axis from zero (see :func:`flops_breakdown`)."""
+    plt = _pyplot()
+    rows = flops_breakdown(report)
+    fig, ax = plt.subplots(figsize=(9, 1.4 + 1.2 * len(rows)))
+    positions = range(len(rows))
+    left = [0.0] * len(rows)
+    for part, (legend, colour) in FLOP_PARTS.items():
+        values = [row.get(part, 0.0) for _, row in rows]
+        ax.barh(positions, values, height=0.55, left=left, color=colour, label=legend)
+        left = [a + b for a, b in zip(left, values)]
+    for i, (_, row) in enumerate(rows):
+        total = sum(row.values())
+        ax.annotate(f" {total:.4g}", (total, i), va="center", fontsize=8)
+        shares = ",  ".join(f"{part} {100 * value / total:.2f} %" for part, value in row.items())
+        ax.annotate(shares, (0, i + 0.28), xytext=(2, 0), textcoords="offset points", fontsize=7, va="top")
+    ax.set_yticks(list(positions), [label for label, _ in rows], fontsize=8)
+    ax.set_xlim(0, max(left) * 1.15)
+    ax.invert_yaxis()
+    ax.set_xlabel("GFLOPs, fvcore-style (one multiply-add = one FLOP); linear axis from zero")
+    ax.set_title(f"{report['model']}, C={report['classes']} classes: where a video's FLOPs go", fontsize=10)
+    ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    return fig
 
 
 def write_report(report: dict, out_dir: str | os.PathLike) -> list[Path]:
-    """Writes report.json, report.md, throughput.png and flops_by_module.png into ``out_dir``."""
+    """Writes report.json, report.md, throughput.png and flops_per_video.png into ``out_dir``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    paths = [out / "report.json", out / "report.md", out / "throughput.png", out / "flops_by_module.png"]
+    paths = [out / "report.json", out / "report.md", out / "throughput.png", out / "flops_per_video.png"]
     paths[0].write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     paths[1].write_text(render_markdown(report), encoding="utf-8")
-    _plot_throughput(report, paths[2])
-    _plot_flops(report, paths[3])
+    plt = _pyplot()
+    for figure, path in ((throughput_figure(report), paths[2]), (flops_figure(report), paths[3])):
+        figure.savefig(path, dpi=100)
+        plt.close(figure)
     return paths
