@@ -50,6 +50,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import open_clip
 import torch
 from torch import nn
@@ -91,7 +92,9 @@ class Settings:
     data_seed: int = 0  # seed of CLIP's random weights; the videos of seed s are drawn with data_seed + s
     epochs: int = 30
     batch_size: int = 16
-    lr: float = 3e-3
+    lr: float = 1e-2  # learning rate of every head, unless lr_grid has several
+    lr_grid: tuple[float, ...] = ()  # several: each head's lr is chosen on a validation split of its training videos
+    val_fraction: float = 0.25  # of each class's training videos, held out to choose the lr
     warmup_steps: int = 20
     weight_decay: float = 0.05
     num_heads: int = 4  # attention heads of the motion head and of the attention peers
@@ -167,7 +170,7 @@ def prepare_task(task: str, seed: int, settings: Settings, out: str) -> dict[str
 
 @functools.lru_cache(maxsize=64)
 def load_cache(folder: str) -> FeatureCache:
-    return FeatureCache(folder)
+    return FeatureCache(folder).in_memory()  # a few MB; every epoch reads every row
 
 
 # --------------------------------------------------------------------------- heads
@@ -217,24 +220,61 @@ def count_trainable(row: str, dim: int, frames: int, heads: int, classes: int) -
     return sum(p.numel() for p in head.parameters() if p.requires_grad)
 
 
-def train_and_score(row: str, seed: int, settings: Settings, task: dict[str, Any]) -> dict[str, Any]:
-    """Trains one head on one task with one seed; returns its test top-1 and seconds."""
-    started = time.perf_counter()
-    classes = task["classes"]
-    class_features = torch.tensor(task["class_features"])
-    model = build_head(row, settings, classes, class_features, seed)
-    test = FeatureDataset(load_cache(task["caches"]["test"]))
+def validation_split(cache: FeatureCache, seed: int, fraction: float) -> tuple[list[int], list[int]]:
+    """Dataset positions of the training videos split per class into (fit, validation), drawn from ``seed``."""
+    rng = np.random.default_rng([seed, 11])
+    fit, held = [], []
+    indices, labels = cache.indices.numpy(), cache.labels.numpy()
+    for label in np.unique(labels):
+        mine = rng.permutation(indices[labels == label])
+        count = min(max(1, round(fraction * len(mine))), len(mine) - 1)
+        held += mine[:count].tolist()
+        fit += mine[count:].tolist()
+    return sorted(fit), sorted(held)
+
+
+def _fit(row: str, seed: int, settings: Settings, task: dict[str, Any], lr: float,
+         positions: list[int] | None = None) -> nn.Module:
+    """A fresh head of ``row`` trained with ``lr`` on the training videos at ``positions`` (default: all)."""
+    model = build_head(row, settings, task["classes"], torch.tensor(task["class_features"]), seed)
     if row != "zero_shot":
-        config = TrainConfig(epochs=settings.epochs, batch_size=settings.batch_size, lr=settings.lr,
+        config = TrainConfig(epochs=settings.epochs, batch_size=settings.batch_size, lr=lr,
                              warmup_steps=settings.warmup_steps, weight_decay=settings.weight_decay, seed=seed,
                              log_every=0, progress=False)
-        train = FeatureDataset(load_cache(task["caches"]["train"]), train=True, seed=seed)
-        Trainer(model, classes, train, config).fit()
-    metrics, _, _ = evaluate(model, test, classes, batch_size=256)
-    if not math.isfinite(metrics["top1"]):
+        train = FeatureDataset(load_cache(task["caches"]["train"]), train=True, seed=seed, positions=positions)
+        Trainer(model, task["classes"], train, config).fit()
+    return model
+
+
+def _score(model: nn.Module, dataset: FeatureDataset, classes: list[str]) -> tuple[float, float]:
+    """(top-1, mean cross-entropy) of ``model`` on ``dataset``."""
+    metrics, logits, labels = evaluate(model, dataset, classes, batch_size=256)
+    return metrics["top1"], float(torch.nn.functional.cross_entropy(logits, labels))
+
+
+def train_and_score(row: str, seed: int, settings: Settings, task: dict[str, Any]) -> dict[str, Any]:
+    """Trains one head on one task with one seed; returns its test top-1, learning rate and seconds.
+
+    With several ``settings.lr_grid`` values, the head is trained with each on the training
+    videos less a validation part (``val_fraction`` of each class), the lr with the best
+    validation top-1 (then the lower validation loss) is kept, and the head is trained
+    again with it on all training videos. The test videos are only scored at the end.
+    """
+    started = time.perf_counter()
+    lr, validation = settings.lr, {}
+    if row != "zero_shot" and len(settings.lr_grid) > 1:
+        train_cache = load_cache(task["caches"]["train"])
+        fit, held = validation_split(train_cache, seed, settings.val_fraction)
+        held_out = FeatureDataset(train_cache, positions=held)
+        for candidate in settings.lr_grid:
+            validation[candidate] = _score(_fit(row, seed, settings, task, candidate, fit), held_out, task["classes"])
+        lr = max(settings.lr_grid, key=lambda c: (validation[c][0], -validation[c][1]))
+    model = _fit(row, seed, settings, task, lr)
+    top1, _ = _score(model, FeatureDataset(load_cache(task["caches"]["test"])), task["classes"])
+    if not math.isfinite(top1):
         raise RuntimeError(f"{row} on {task['task']} (seed {seed}) gave a non-finite top-1")
-    return {"task": task["task"], "row": row, "seed": seed, "top1": metrics["top1"],
-            "seconds": time.perf_counter() - started}
+    return {"task": task["task"], "row": row, "seed": seed, "top1": top1, "lr": lr if row != "zero_shot" else None,
+            "validation_top1": {str(c): v[0] for c, v in validation.items()}, "seconds": time.perf_counter() - started}
 
 
 # --------------------------------------------------------------------------- running
@@ -303,12 +343,12 @@ def summarise(settings: Settings, prepared: dict, rows: list[str], seeds: list[i
                  "train_videos": load_cache(info["caches"]["train"]).features.shape[0], "rows": {}}
         for row in rows:
             if row == "chance":
-                scores, seconds = [1 / len(classes)], [0.0]
+                scores, seconds, lrs = [1 / len(classes)], [0.0], [None]
             else:
                 mine = sorted((r for r in records if r["task"] == task and r["row"] == row), key=lambda r: r["seed"])
-                scores, seconds = [r["top1"] for r in mine], [r["seconds"] for r in mine]
+                scores, seconds, lrs = [r["top1"] for r in mine], [r["seconds"] for r in mine], [r["lr"] for r in mine]
             entry["rows"][row] = {
-                "top1": scores, "mean": statistics.fmean(scores),
+                "top1": scores, "mean": statistics.fmean(scores), "lr": lrs,
                 "std": statistics.stdev(scores) if len(scores) > 1 else 0.0, "seconds": seconds,
                 "params": count_trainable(row, dim, settings.frames, settings.num_heads, len(classes)),
                 "params_vit_b16": count_trainable(row, VIT_B16["dim"], VIT_B16["frames"], VIT_B16["heads"],
@@ -357,11 +397,21 @@ def markdown(results: dict) -> str:
                          f"(margin {v['margin']:+.3f}, one test video = {v['tolerance']:.4f}): "
                          f"{'wins' if v['wins'] else 'LOSES'}")
     settings, m = results["settings"], results["machine"]
+    grid = settings.get("lr_grid") or ()
+    if len(grid) > 1:
+        lines += ["", f"Learning rates chosen on the validation split (per task and seed, from {list(grid)}):"]
+        for row in rows:
+            chosen = [lr for t in tasks for lr in results["tasks"][t]["rows"][row].get("lr", []) if lr is not None]
+            if chosen:
+                counts = ", ".join(f"{lr:g} x{chosen.count(lr)}" for lr in sorted(set(chosen)))
+                lines.append(f"- {row}: {counts}")
+    schedule = (f"lr chosen per head, task and seed from {list(grid)} on {settings['val_fraction']:.0%} of each "
+                f"class's training videos" if len(grid) > 1 else f"lr {settings['lr']}")
     lines += ["", f"Top-1 on the test videos, mean ± standard deviation over seeds {results['seeds']} (each seed draws "
               f"its own videos and initialises the heads); "
               f"{settings['model']} with random weights; {settings['train_per_class']} training and "
               f"{settings['test_per_class']} test videos per class; {settings['epochs']} epochs, batch "
-              f"{settings['batch_size']}, lr {settings['lr']}, {settings['warmup_steps']} warm-up steps. "
+              f"{settings['batch_size']}, {schedule}, {settings['warmup_steps']} warm-up steps. "
               f"params: trainable parameters at the benchmark's width and at ViT-B/16's (D = 512, 8 frames, "
               f"400 classes for the classifier heads).",
               f"{m['cpu']} ({m['cpus']} CPUs), torch {m['torch']}; {results['workers']} worker processes; "
@@ -417,19 +467,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=2, help="processes (one thread each)")
     defaults = Settings()
     for field in dataclasses.fields(Settings):
-        parser.add_argument("--" + field.name.replace("_", "-"), type=type(getattr(defaults, field.name)),
-                            default=getattr(defaults, field.name), help=f"default: %(default)s")
+        default = getattr(defaults, field.name)
+        kind = {"nargs": "+", "type": float} if isinstance(default, tuple) else {"type": type(default)}
+        parser.add_argument("--" + field.name.replace("_", "-"), default=default, help="default: %(default)s", **kind)
     parser.add_argument("--check", action="store_true", help="exit 1 when the motion head loses a task")
     args = parser.parse_args(argv)
     if args.workers < 1 or not args.seeds:
         parser.error("need --workers >= 1 and at least one seed")
+    if not all(lr > 0 for lr in (args.lr, *args.lr_grid)) or not 0 < args.val_fraction < 1:
+        parser.error("need learning rates > 0 and 0 < --val-fraction < 1")
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    settings = Settings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Settings)})
+    settings = Settings(**{f.name: tuple(value) if isinstance(value := getattr(args, f.name), list) else value
+                           for f in dataclasses.fields(Settings)})
     out = Path(args.out)
     results = run(settings, args.tasks, list(dict.fromkeys(args.rows)), args.seeds, out, args.workers)
     write_outputs(results, out)
