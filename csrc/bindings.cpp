@@ -298,8 +298,8 @@ void check_class_inputs(const char* op, const Tensor& q, const Tensor& k, const 
   const std::pair<const char*, const Tensor*> others[] = {{"base_v", &base_v}, {"v", &v}, {"gram", &gram},
                                                           {"proj", &proj}, {"base_dot", &base_dot},
                                                           {"base_sq", &base_sq}};
-  const std::vector<int64_t> shapes[] = {{C, H, d}, {B, L, H, d}, {B, L * H, L * H}, {B, L, H}, {B, C}, {C}};
-  const char* layouts[] = {"[C,H,d]", "[B,L,H,d]", "[B,L*H,L*H]", "[B,L,H]", "[B,C]", "[C]"};
+  const std::vector<int64_t> shapes[] = {{C, H, d}, {B, L, H, d}, {B, H * L, H * L}, {B, H, L}, {B, C}, {C}};
+  const char* layouts[] = {"[C,H,d]", "[B,L,H,d]", "[B,H*L,H*L]", "[B,H,L]", "[B,C]", "[C]"};
   for (size_t i = 0; i < 6; ++i) {
     const auto& [name, t] = others[i];
     check_input(op, name, *t, static_cast<int64_t>(shapes[i].size()), layouts[i]);

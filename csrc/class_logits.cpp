@@ -1,7 +1,7 @@
 // class_logits on CPU: the core op of mpfast/ops/class_logits.py (the formulas of
 // class_cosine_ref and class_cosine_backward_ref). For video b and class c, with the L H
 // attention weights a = softmax_l(scale * q[c,h] . k[b,l,h]) (padded keys excluded),
-//   g[j]  = base_v[c,h] . v[b,l,h]                        (j = one (key, head) pair)
+//   g[j]  = base_v[c,h] . v[b,l,h]                        (j = h L + l: one (head, key) pair)
 //   dot   = base_dot[b,c] + a . proj[b]
 //   sq    = base_sq[c] + a . (2 g + M a),  M = (gram[b] + gram[b]^T) / 2
 //   cosine[b,c] = dot / sqrt(max(sq, eps^2))
@@ -11,8 +11,8 @@
 // vector lanes (the "column layout" of prompt_attention's forward): the tile's scores,
 // g and M a are [L H][classes] buffers, rows head-major (j = h L + l), so the softmax of
 // a head is a column-wise softmax over its L rows and every per-class sum is a sum of
-// rows, with no horizontal reductions. M is permuted to that row order (and symmetrised)
-// once per video. The products go through the register-blocked matmul of
+// rows, with no horizontal reductions; gram and proj come in that order (M is
+// symmetrised once per video). The products go through the register-blocked matmul of
 // cpu_attention.h. Nothing of size [B, C, L H] is stored: the backward recomputes each
 // tile. Its items are videos; the class-side gradients (q, base_v, base_sq: sums over
 // the videos) go to per-thread accumulators added up at the end, in thread order, so the
@@ -68,7 +68,7 @@ struct Problem {
 };
 
 // One video's operands: keys and values of each head as matmul rows, the mask, M
-// (symmetrised, rows and columns head-major) and proj (head-major).
+// (symmetrised) and proj.
 template <typename T, typename F>
 struct Video {
   std::vector<F> kbuf, vbuf, bias, keep, m, y;
@@ -91,17 +91,15 @@ struct Video {
     const T* g = p.gram.template const_data_ptr<T>() + b * p.gram.stride(0);
     const int64_t s1 = p.gram.stride(1), s2 = p.gram.stride(2);
     m.resize(LH * LH);
-    for (int64_t i = 0; i < LH; ++i) {      // i = l H + h in gram
-      const int64_t pi = (i % H) * L + i / H;  // head-major
+    for (int64_t i = 0; i < LH; ++i) {
       for (int64_t j = 0; j < LH; ++j) {
-        const int64_t pj = (j % H) * L + j / H;
-        m[pi * LH + pj] = F(0.5) * (static_cast<F>(g[i * s1 + j * s2]) + static_cast<F>(g[j * s1 + i * s2]));
+        m[i * LH + j] = F(0.5) * (static_cast<F>(g[i * s1 + j * s2]) + static_cast<F>(g[j * s1 + i * s2]));
       }
     }
     const T* y_in = p.proj.template const_data_ptr<T>() + b * p.proj.stride(0);
     y.resize(LH);
-    for (int64_t l = 0; l < L; ++l)
-      for (int64_t h = 0; h < H; ++h) y[h * L + l] = static_cast<F>(y_in[l * p.proj.stride(1) + h * p.proj.stride(2)]);
+    for (int64_t h = 0; h < H; ++h)
+      for (int64_t l = 0; l < L; ++l) y[h * L + l] = static_cast<F>(y_in[h * p.proj.stride(1) + l * p.proj.stride(2)]);
   }
 
  private:
@@ -312,7 +310,7 @@ void backward_impl(const at::TensorBase& grad, const at::TensorBase& q, const at
           matmul<F>(L, dp, cm, dg, cmp, 1, rr, dp, dv.data() + h * L * dp, dp, true);
         }
       }
-      // This video's gradients, back in the inputs' (l, h) order.
+      // This video's gradients (k and v back in their [L, H, d] layout).
       T* gk = grad_k.mutable_data_ptr<T>() + b * L * H * d;
       T* gv = grad_v.mutable_data_ptr<T>() + b * L * H * d;
       T* gy = grad_proj.mutable_data_ptr<T>() + b * LH;
@@ -323,12 +321,11 @@ void backward_impl(const at::TensorBase& grad, const at::TensorBase& q, const at
             gk[(l * H + h) * d + j] = static_cast<T>(dk[(h * L + l) * dp + j]);
             gv[(l * H + h) * d + j] = static_cast<T>(dv[(h * L + l) * dp + j]);
           }
-          gy[l * H + h] = static_cast<T>(dy[h * L + l]);
         }
       }
+      for (int64_t j = 0; j < LH; ++j) gy[j] = static_cast<T>(dy[j]);
       for (int64_t i = 0; i < LH; ++i) {
-        const int64_t pi = (i % H) * L + i / H;
-        for (int64_t j = 0; j < LH; ++j) gm[i * LH + j] = static_cast<T>(F(0.5) * dm[pi * LHp + (j % H) * L + j / H]);
+        for (int64_t j = 0; j < LH; ++j) gm[i * LH + j] = static_cast<T>(F(0.5) * dm[i * LHp + j]);
       }
     }
   });

@@ -81,16 +81,16 @@ def class_logits_ref(
 # ---- the core op: cosines of a tile from the folded pieces ------------------------------
 
 def _weights(q: Tensor, k: Tensor, scale: float, key_padding_mask: Tensor | None) -> Tensor:
-    """Attention weights ``[B, C, L H]`` (index ``l H + h``); a video's rows are 0 where every key is padded."""
+    """Attention weights ``[B, C, H L]`` (index ``h L + l``); a video's rows are 0 where every key is padded."""
     p = _probabilities(q, k, scale, key_padding_mask)  # [B, H, C, L]
-    return p.permute(0, 2, 3, 1).flatten(2)
+    return p.transpose(1, 2).flatten(2)
 
 
 def _norms(a: Tensor, q: Tensor, base_v: Tensor, v: Tensor, gram: Tensor, proj: Tensor, base_dot: Tensor,
            base_sq: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``<w, t'>``, ``|t'|^2`` and the pieces ``g``, ``M a`` they are made of."""
     batch, classes = a.shape[:2]
-    g = torch.einsum("chd,blhd->bclh", base_v, v).reshape(batch, classes, -1)
+    g = torch.einsum("chd,blhd->bchl", base_v, v).reshape(batch, classes, -1)
     gram_a = torch.einsum("bjk,bck->bcj", 0.5 * (gram + gram.transpose(1, 2)), a)
     dot = base_dot + torch.einsum("bcj,bj->bc", a, proj.flatten(1))
     square = base_sq + (a * (2 * g + gram_a)).sum(-1)
@@ -101,12 +101,12 @@ def class_cosine_ref(q: Tensor, k: Tensor, base_v: Tensor, v: Tensor, gram: Tens
                      base_sq: Tensor, scale: float, key_padding_mask: Tensor | None = None) -> Tensor:
     """Reference of the core op (differentiable by autograd): ``[B, C]`` cosines ``<w, t'> / |t'|``.
 
-    Args (``j = l H + h`` indexes the ``L H`` keys of all heads):
+    Args (``j = h L + l`` indexes the ``H L`` keys of all heads):
         q: ``[C, H, d]`` class queries. k: ``[B, L, H, d]`` keys.
         base_v: ``[C, H, d]`` ``r_c``, the residual base mapped into value space.
         v: ``[B, L, H, d]`` values.
-        gram: ``[B, L H, L H]`` ``M_b`` (read as ``(M + M^T) / 2``: ``a^T M a`` is the same).
-        proj: ``[B, L, H]`` ``y_b``. base_dot: ``[B, C]`` ``<w_b, e_c>``. base_sq: ``[C]`` ``|e_c|^2``.
+        gram: ``[B, H L, H L]`` ``M_b`` (read as ``(M + M^T) / 2``: ``a^T M a`` is the same).
+        proj: ``[B, H, L]`` ``y_b``. base_dot: ``[B, C]`` ``<w_b, e_c>``. base_sq: ``[C]`` ``|e_c|^2``.
     """
     a = _weights(q, k, scale, key_padding_mask)
     dot, square, _, _ = _norms(a, q, base_v, v, gram, proj, base_dot, base_sq)
@@ -126,17 +126,17 @@ def class_cosine_backward_ref(grad: Tensor, q: Tensor, k: Tensor, base_v: Tensor
     grad_dot = grad / norm
     grad_square = torch.where(inside, -0.5 * grad * dot / (norm * norm * norm), 0.0)  # d/d|t'|^2
     grad_a = grad_dot[..., None] * proj.flatten(1)[:, None] + 2 * grad_square[..., None] * (g + gram_a)
-    grad_g = (2 * grad_square[..., None] * a).view(batch, classes, keys, heads)
+    grad_g = (2 * grad_square[..., None] * a).view(batch, classes, heads, keys)
     grad_gram = torch.einsum("bc,bcj,bck->bjk", grad_square, a, a)
-    grad_proj = torch.einsum("bc,bcj->bj", grad_dot, a).view(batch, keys, heads)
+    grad_proj = torch.einsum("bc,bcj->bj", grad_dot, a).view(batch, heads, keys)
     # Softmax backward per head, then the scores' inputs.
-    p = a.view(batch, classes, keys, heads)
-    dp = grad_a.view(batch, classes, keys, heads)
-    grad_s = p * (dp - (p * dp).sum(2, keepdim=True)) * scale
-    grad_q = torch.einsum("bclh,blhd->chd", grad_s, k)
-    grad_k = torch.einsum("bclh,chd->blhd", grad_s, q)
-    grad_base_v = torch.einsum("bclh,blhd->chd", grad_g, v)
-    grad_v = torch.einsum("bclh,chd->blhd", grad_g, base_v)
+    p = a.view(batch, classes, heads, keys)
+    dp = grad_a.view(batch, classes, heads, keys)
+    grad_s = p * (dp - (p * dp).sum(3, keepdim=True)) * scale
+    grad_q = torch.einsum("bchl,blhd->chd", grad_s, k)
+    grad_k = torch.einsum("bchl,chd->blhd", grad_s, q)
+    grad_base_v = torch.einsum("bchl,blhd->chd", grad_g, v)
+    grad_v = torch.einsum("bchl,chd->blhd", grad_g, base_v)
     return grad_q, grad_k, grad_base_v, grad_v, grad_gram, grad_proj, grad_dot, grad_square.sum(0)
 
 
@@ -199,6 +199,54 @@ def fold_classes(q: Tensor, base: Tensor, out_weight: Tensor, out_bias: Tensor |
     return ClassFold(q, e, base_v.view(q.shape), (e * e).sum(-1))
 
 
+def _heads_first(t: Tensor) -> Tensor:
+    """``[B, L, H, n]`` as ``[H, B L, n]`` (a view: one matrix per head, rows ``(b, l)``)."""
+    batch, keys, heads, width = t.shape
+    return t.permute(2, 0, 1, 3).reshape(heads, batch * keys, width)
+
+
+def _fold_values(v: Tensor, weight: Tensor) -> Tensor:
+    """``z [B, H L, D]`` (head-major): the values ``[B, L, H, d]`` through the output
+    projection ``weight [D, H, d]``, one ``[B L, d] x [d, D]`` product per head (then one
+    copy to the videos-first layout; a broadcast ``matmul`` would copy the weight per video)."""
+    batch, keys, heads, _ = v.shape
+    z = torch.bmm(_heads_first(v), weight.permute(1, 2, 0))  # [H, B L, D]
+    return z.view(heads, batch, keys, -1).transpose(0, 1).reshape(batch, heads * keys, -1)
+
+
+class _FoldVideos(torch.autograd.Function):
+    """The video side of the op: ``gram = z z^T`` and ``proj = z w`` with ``z`` the folded
+    values (:func:`_fold_values`). Autograd would keep ``z`` (``[B, L H, D]``, as large as
+    the rest of the head's activations together); this saves ``v``, ``weight`` and ``w``
+    and recomputes ``z`` in the backward (``B L H d D`` multiply-adds)."""
+
+    @staticmethod
+    def forward(v: Tensor, weight: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
+        z = _fold_values(v, weight)
+        batch, keys, heads = v.shape[:3]
+        return z @ z.transpose(1, 2), (z @ w[:, :, None]).view(batch, heads, keys)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.save_for_backward(*inputs)
+
+    @staticmethod
+    def backward(ctx, grad_gram: Tensor, grad_proj: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        # In an order that keeps at most two [B, H L, D] tensors alive (they set the step's memory peak).
+        v, weight, w = ctx.saved_tensors
+        batch, keys, heads = v.shape[:3]
+        z = _fold_values(v, weight)
+        grad_proj = grad_proj.flatten(1)
+        grad_w = (grad_proj[:, None, :] @ z)[:, 0]
+        grad_z = torch.bmm(grad_gram + grad_gram.transpose(1, 2), z)
+        del z
+        grad_z.addcmul_(grad_proj[:, :, None], w[:, None, :])
+        grad_z = grad_z.view(batch, heads, keys, -1).transpose(0, 1).reshape(heads, batch * keys, -1)  # [H, B L, D]
+        grad_v = torch.bmm(grad_z, weight.transpose(0, 1)).view(heads, batch, keys, -1).permute(1, 2, 0, 3)
+        grad_weight = torch.bmm(grad_z.transpose(1, 2), _heads_first(v)).transpose(0, 1)  # [D, H, d]
+        return grad_v, grad_weight, grad_w
+
+
 def class_logits_folded(
     classes: ClassFold, k: Tensor, v: Tensor, out_weight: Tensor, out_scale: Tensor, video: Tensor,
     scale: float | None = None, key_padding_mask: Tensor | None = None,
@@ -212,12 +260,9 @@ def class_logits_folded(
     _validate_videos(q, k, v, out_weight, video, scale, key_padding_mask, base.shape[-1])
     _common.check_same("dtype", q=q, base=base, k=k, v=v, out_weight=out_weight, out_scale=out_scale, video=video)
     batch, keys, heads, head_dim = k.shape
-    # Fold the output projection (and out_scale) into the values, once per video: z [B, L H, D].
     weight = (out_scale[:, None] * out_weight).view(-1, heads, head_dim)
-    z = torch.einsum("blhd,Dhd->blhD", v, weight).reshape(batch, keys * heads, -1)
     w = F.normalize(video, dim=-1)
-    gram = z @ z.transpose(1, 2)
-    proj = (z @ w[:, :, None]).view(batch, keys, heads)
+    gram, proj = _FoldVideos.apply(v, weight, w)
     base_dot = w @ base.T
     scale = head_dim ** -0.5 if scale is None else float(scale)
     cosine = _op(q, k, base_v, v, gram, proj, base_dot, base_sq, scale, key_padding_mask)
