@@ -157,6 +157,15 @@ def backward_flops(q_shape: Sequence[int], k_shape: Sequence[int], *_) -> int:
     return flops(q_shape, k_shape) + 2 * pairs * (4 * lh * head_dim + lh * lh + 6 * lh)
 
 
+def key_tile(keys: int, heads: int, head_dim: int) -> int:
+    """Elements of one ``[heads, keys, head_dim]`` tile padded to powers of two (keys and
+    ``head_dim`` to at least 16): what a tile-based backend holds of a video at once."""
+    def pow2(n: int) -> int:
+        return 1 << max(n - 1, 0).bit_length()
+
+    return pow2(heads) * max(16, pow2(keys)) * max(16, pow2(head_dim))
+
+
 SPEC = OpSpec(
     name="class_logits",
     schema="(Tensor q, Tensor k, Tensor base_v, Tensor v, Tensor gram, Tensor proj, Tensor base_dot, "
@@ -168,7 +177,7 @@ SPEC = OpSpec(
     reference_backward=class_cosine_backward_ref,
     flops=lambda q, k, *_: flops(q, k),
     backward_flops=backward_flops,
-    sizes={"head_dim": lambda q, k, *_: k.shape[-1], "keys_x_heads": lambda q, k, *_: k.shape[1] * k.shape[2]},
+    sizes={"head_dim": lambda q, k, *_: k.shape[-1], "key_tile": lambda q, k, *_: key_tile(*k.shape[1:])},
 )
 _op = register(SPEC)
 
