@@ -40,8 +40,11 @@ from .prompt_attention import _bias_args, _dot, _dot_flags, _multiprocessors, _s
 
 MAX_HEAD_DIM = 128
 MAX_KEY_TILE = 16384
+# Shared memory of the largest tile stays within sm_80's 163 KiB per program (float32 and
+# float64 products run on CUDA cores from larger staged operands: smaller tiles).
 LIMITS = Limits(SUPPORTED_DTYPES, max_sizes={"head_dim": MAX_HEAD_DIM, "key_tile": MAX_KEY_TILE},
-                max_sizes_by_dtype={torch.float64: {"key_tile": MAX_KEY_TILE // 2}})
+                max_sizes_by_dtype={torch.float32: {"key_tile": MAX_KEY_TILE // 4},
+                                    torch.float64: {"key_tile": MAX_KEY_TILE // 8}})
 EPS = 1e-12  # the norm's clamp, as in mpfast.ops.class_logits
 _PROGRAMS_PER_SM = 2
 

@@ -62,6 +62,7 @@ class MotionCLIP(nn.Module):
     """
 
     fused_logits: bool | None = None
+    cache_class_side: bool = True  # False: compute the class side on every call (FLOP counting does)
 
     def __init__(self, clip: nn.Module, config: HeadConfig | None = None, tokenizer: Callable | None = None):
         super().__init__()
@@ -191,7 +192,7 @@ class MotionCLIP(nn.Module):
     def class_side(self, class_features: Tensor) -> ClassSide:
         """The communication block's class side of ``class_features [C, D]`` (fused), cached
         when no gradient is recorded (see the class docstring)."""
-        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+        if not self.cache_class_side or torch.is_grad_enabled() or torch.compiler.is_compiling():
             return self.communication.class_side(class_features)
         params = list(self.communication.parameters())
         if any(p.is_inference() for p in params):  # no version counter to tell a change by

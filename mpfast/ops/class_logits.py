@@ -223,17 +223,27 @@ def _fold_values(v: Tensor, weight: Tensor) -> Tensor:
     return z.view(heads, batch, keys, -1).transpose(0, 1).reshape(batch, heads * keys, -1)
 
 
+def _fold_videos(v: Tensor, weight: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
+    """The video side of the op: ``gram = z z^T [B, H L, H L]`` and ``proj = z w [B, H, L]``
+    with ``z`` the folded values (:func:`_fold_values`) and ``w`` the unit video embeddings."""
+    if torch.is_grad_enabled() and (v.requires_grad or weight.requires_grad or w.requires_grad):
+        return _FoldVideos.apply(v, weight, w)
+    return _gram_and_proj(_fold_values(v, weight), w, v.shape)
+
+
+def _gram_and_proj(z: Tensor, w: Tensor, values_shape: Sequence[int]) -> tuple[Tensor, Tensor]:
+    batch, keys, heads = values_shape[:3]
+    return z @ z.transpose(1, 2), (z @ w[:, :, None]).view(batch, heads, keys)
+
+
 class _FoldVideos(torch.autograd.Function):
-    """The video side of the op: ``gram = z z^T`` and ``proj = z w`` with ``z`` the folded
-    values (:func:`_fold_values`). Autograd would keep ``z`` (``[B, L H, D]``, as large as
-    the rest of the head's activations together); this saves ``v``, ``weight`` and ``w``
-    and recomputes ``z`` in the backward (``B L H d D`` multiply-adds)."""
+    """:func:`_fold_videos` with gradients. Autograd would keep ``z`` (``[B, H L, D]``, as
+    large as the rest of the head's activations together); this saves ``v``, ``weight`` and
+    ``w`` and recomputes ``z`` in the backward (``B L H d D`` multiply-adds)."""
 
     @staticmethod
     def forward(v: Tensor, weight: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
-        z = _fold_values(v, weight)
-        batch, keys, heads = v.shape[:3]
-        return z @ z.transpose(1, 2), (z @ w[:, :, None]).view(batch, heads, keys)
+        return _gram_and_proj(_fold_values(v, weight), w, v.shape)
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
@@ -271,7 +281,7 @@ def class_logits_folded(
     batch, keys, heads, head_dim = k.shape
     weight = (out_scale[:, None] * out_weight).view(-1, heads, head_dim)
     w = F.normalize(video, dim=-1)
-    gram, proj = _FoldVideos.apply(v, weight, w)
+    gram, proj = _fold_videos(v, weight, w)
     base_dot = w @ base.T
     scale = head_dim ** -0.5 if scale is None else float(scale)
     cosine = _op(q, k, base_v, v, gram, proj, base_dot, base_sq, scale, key_padding_mask)
