@@ -199,10 +199,13 @@ def test_bad_input(change, error, match):
         class_logits(*args)
 
 
-def test_folded_refuses_what_is_not_a_fold():
-    args = _good()
+def test_folded_refuses_what_is_not_a_fold_or_does_not_fit_it():
+    q, k, v, weight, bias, alpha, base, video = _good()
     with pytest.raises(TypeError, match="classes must be a ClassFold"):
-        mpfast.ops.class_logits_folded((args[0], args[6]), args[1], args[2], args[3], args[5], args[7])
+        mpfast.ops.class_logits_folded((q, base), k, v, weight, alpha, video)
+    fold = fold_classes(q, base, weight, bias, alpha)
+    with pytest.raises(ValueError, match=r"out_weight and out_scale must have shapes \[D,H\*d\] = \[10,8\]"):
+        mpfast.ops.class_logits_folded(fold, k, v, weight[:9], alpha, video)
 
 
 # ---- the model: fused logits against the unfused block in float64 ----------------------

@@ -78,6 +78,7 @@ class MotionCLIP(nn.Module):
         self.communication = MultimodalCommunicationBlock(dim, config.num_heads)
         self._class_cache: collections.OrderedDict = collections.OrderedDict()
         self._class_side_cache: collections.OrderedDict = collections.OrderedDict()
+        self._class_side_weights: tuple = ((), [])  # the weights the cached class sides were made with
 
     @property
     def dim(self) -> int:
@@ -92,6 +93,7 @@ class MotionCLIP(nn.Module):
     def _apply(self, fn, *args, **kwargs):
         # .to(), .half(), .cuda()...: cached class sides hold tensors of the old device and dtype.
         self._class_side_cache.clear()
+        self._class_side_weights = ((), [])
         return super()._apply(fn, *args, **kwargs)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
@@ -198,18 +200,17 @@ class MotionCLIP(nn.Module):
         if any(p.is_inference() for p in params):  # no version counter to tell a change by
             return self.communication.class_side(class_features)
         weights = tuple((p.data_ptr(), p._version) for p in params)
+        if weights != self._class_side_weights[0]:  # other weights: every entry is stale
+            self._class_side_cache.clear()
+            # Kept alive with the cache, so that no other tensor takes their addresses meanwhile.
+            self._class_side_weights = (weights, [p.detach() for p in params])
         key = (class_features.data_ptr(), class_features.device, class_features.dtype, tuple(class_features.shape))
         entry = self._class_side_cache.get(key)
-        if entry is not None:
-            features, entry_weights, _, side = entry
-            if entry_weights == weights and torch.equal(features, class_features):
-                self._class_side_cache.move_to_end(key)
-                return side
-            if entry_weights != weights:  # the weights changed: every entry is stale
-                self._class_side_cache.clear()
+        if entry is not None and torch.equal(entry[0], class_features):
+            self._class_side_cache.move_to_end(key)
+            return entry[1]
         side = self.communication.class_side(class_features)
-        # The entry keeps the parameters alive, so that no other tensor takes their addresses while it exists.
-        self._class_side_cache[key] = (class_features.clone(), weights, [p.detach() for p in params], side)
+        self._class_side_cache[key] = (class_features.clone(), side)
         if len(self._class_side_cache) > _CLASS_CACHE_SIZE:
             self._class_side_cache.popitem(last=False)
         return side

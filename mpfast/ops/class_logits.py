@@ -16,22 +16,26 @@ and a ``D x D`` projection: ``B C D^2`` multiply-adds and several ``[B, C, D]`` 
 How it is computed instead. The logit needs two numbers of ``t'``: ``<w, t'>`` (``w`` the
 unit video embedding) and ``|t'|^2``. Write ``e_c = base_c + out_scale * out_bias`` and
 fold the output projection (and ``out_scale``) into the values, once per video:
-``z[b,l,h] = out_scale * W_h v[b,l,h]`` (``[D]``, ``W_h`` the columns of head ``h``). With
-``a[b,c]`` the ``L H`` attention weights of the pair, ``t' = e_c + sum_j a_j z_j``, so
+``z[b,h,l] = out_scale * W_h v[b,l,h]`` (``[D]``, ``W_h`` the columns of head ``h``). With
+``a[b,c]`` the ``H L`` attention weights of the pair (index ``j = h L + l``),
+``t' = e_c + sum_j a_j z_j``, so
 
 * ``<w, t'> = <w, e_c> + a . y_b`` with ``y_b[j] = <w_b, z_j>`` (per video),
 * ``|t'|^2 = |e_c|^2 + 2 a . g + a^T M_b a`` with ``g[j] = <e_c, z_j> = r_c[h] . v[b,l,h]``,
   ``r_c = W^T (out_scale * e_c)`` (per class, ``[H, d]``: a dot product of width ``d``, like
-  a score) and ``M_b = Z_b Z_b^T`` the ``[L H, L H]`` Gram matrix of the folded values.
+  a score) and ``M_b = Z_b Z_b^T`` the ``[H L, H L]`` Gram matrix of the folded values.
 
-Per pair that is ``2 L H d + (L H)^2`` multiply-adds (scores, ``g``, the quadratic form)
-instead of ``D^2 + 2 L H d``; per video ``L H d D + (L H)^2 D`` for ``Z`` and ``M``; per
-call ``C D H d`` for ``r`` (cached with the class list at inference by MotionCLIP). Nothing
-of size ``[B, C, D]`` (nor ``[B, C, L H]``) is written: the core op ``torch.ops.mpfast.class_logits``
-takes the small per-class and per-video pieces and computes each tile of (videos x classes)
-in one pass; its backward recomputes the tile (flash-style) from the same inputs.
+Per pair that is ``2 H L d + (H L)^2`` multiply-adds (scores, ``g``, the quadratic form)
+instead of ``D^2 + 2 H L d``; per video ``H L d D + (H L)^2 D`` for ``Z`` and ``M``; per
+call ``C D H d`` for ``r`` (cached with the class list at inference by MotionCLIP). The
+core op ``torch.ops.mpfast.class_logits`` takes these small per-class and per-video pieces
+and computes each tile of (videos x classes) in one pass; its backward recomputes the tile
+(flash-style) from the same inputs. Autograd keeps the ``[B, H L, H L]`` Gram matrices and
+the inputs, nothing of size ``[B, C, D]``; the Triton and C++ kernels write nothing of size
+``[B, C, ...]`` but the logits (the CUDA fallback's backward holds ``[videos, C, H L]``
+workspaces for a chunk of videos).
 
-When the fold does not pay: the pair cost ``(L H)^2`` exceeds the projection's ``D^2``
+When the fold does not pay: the pair cost ``(H L)^2`` exceeds the projection's ``D^2``
 when ``H L >= D`` (for ``D = 512`` and 8 heads: 64 keys or more). The op still computes the
 same logits without a ``[B, C, D]`` tensor, at more multiply-adds per pair than the
 unfused projection; :class:`mpfast.model.MotionCLIP` then uses the unfused path.
@@ -81,7 +85,7 @@ def class_logits_ref(
 # ---- the core op: cosines of a tile from the folded pieces ------------------------------
 
 def _weights(q: Tensor, k: Tensor, scale: float, key_padding_mask: Tensor | None) -> Tensor:
-    """Attention weights ``[B, C, H L]`` (index ``h L + l``); a video's rows are 0 where every key is padded."""
+    """Attention weights ``[B, C, H L]`` (index ``h L + l``); 0 for a video whose keys are all padded."""
     p = _probabilities(q, k, scale, key_padding_mask)  # [B, H, C, L]
     return p.transpose(1, 2).flatten(2)
 
@@ -142,7 +146,7 @@ def class_cosine_backward_ref(grad: Tensor, q: Tensor, k: Tensor, base_v: Tensor
 
 def flops(q_shape: Sequence[int], k_shape: Sequence[int]) -> int:
     """True FLOPs of the core op's forward: per (video, class) pair, the scores and ``g``
-    (``L H d`` multiply-adds each), the quadratic form (``(L H)^2``) and three ``L H`` dot
+    (``H L d`` multiply-adds each), the quadratic form (``(H L)^2``) and three ``H L`` dot
     products (``a . y``, ``a . g``, ``a . M a``); 2 per multiply-add."""
     batch, keys, heads, head_dim = k_shape
     pairs, lh = batch * q_shape[0], keys * heads
@@ -150,8 +154,8 @@ def flops(q_shape: Sequence[int], k_shape: Sequence[int]) -> int:
 
 
 def backward_flops(q_shape: Sequence[int], k_shape: Sequence[int], *_) -> int:
-    """The backward recomputes the forward, then per pair: the Gram gradient (``(L H)^2``),
-    the four products of the softmax and ``g`` gradients (``L H d`` each) and ``6 L H`` more."""
+    """The backward recomputes the forward, then per pair: the Gram gradient (``(H L)^2``),
+    the four products of the softmax and ``g`` gradients (``H L d`` each) and ``6 H L`` more."""
     batch, keys, heads, head_dim = k_shape
     pairs, lh = batch * q_shape[0], keys * heads
     return flops(q_shape, k_shape) + 2 * pairs * (4 * lh * head_dim + lh * lh + 6 * lh)
@@ -276,7 +280,7 @@ def class_logits_folded(
         raise TypeError(f"classes must be a ClassFold (from fold_classes), got {type(classes).__name__}")
     q, base, base_v, base_sq, k, v, out_weight, out_scale, video = _common.autocast_inputs(
         None, *classes, k, v, out_weight, out_scale, video)
-    _validate_videos(q, k, v, out_weight, video, scale, key_padding_mask, base.shape[-1])
+    _validate_videos(q, k, v, out_weight, out_scale, video, scale, key_padding_mask, base.shape[-1])
     _common.check_same("dtype", q=q, base=base, k=k, v=v, out_weight=out_weight, out_scale=out_scale, video=video)
     batch, keys, heads, head_dim = k.shape
     weight = (out_scale[:, None] * out_weight).view(-1, heads, head_dim)
@@ -346,11 +350,13 @@ def _validate_classes(q, base, out_weight, out_bias, out_scale) -> None:
             raise ValueError(f"{name} must have shape [D] = [{dim}], got {tuple(value.shape)}")
 
 
-def _validate_videos(q, k, v, out_weight, video, scale, key_padding_mask, dim: int) -> None:
+def _validate_videos(q, k, v, out_weight, out_scale, video, scale, key_padding_mask, dim: int) -> None:
     _common.check_float_tensor("k", k, 4, "[B,L,H,d]")
     _common.check_float_tensor("v", v, 4, "[B,L,H,d]")
     _common.check_float_tensor("video", video, 2, "[B,D]")
-    tensors = {"q": q, "k": k, "v": v, "video": video}
+    _common.check_float_tensor("out_weight", out_weight, 2, "[D,H*d]")
+    _common.check_float_tensor("out_scale", out_scale, 1, "[D]")
+    tensors = {"q": q, "k": k, "v": v, "video": video, "out_weight": out_weight, "out_scale": out_scale}
     if key_padding_mask is not None:
         if not isinstance(key_padding_mask, torch.Tensor):
             raise TypeError(f"key_padding_mask must be a bool torch.Tensor or None, got {type(key_padding_mask).__name__}")
@@ -363,6 +369,10 @@ def _validate_videos(q, k, v, out_weight, video, scale, key_padding_mask, dim: i
         raise ValueError(f"q must have shape [C,H,d] with [H,d] = [{heads},{head_dim}] to match k, got {tuple(q.shape)}")
     if keys < 1:
         raise ValueError(f"k must have L >= 1 keys, got shape {tuple(k.shape)}")
+    if tuple(out_weight.shape) != (dim, heads * head_dim) or tuple(out_scale.shape) != (dim,):
+        raise ValueError(f"out_weight and out_scale must have shapes [D,H*d] = [{dim},{heads * head_dim}] and "
+                         f"[D] = [{dim}] (D of the classes' fold), got {tuple(out_weight.shape)} and "
+                         f"{tuple(out_scale.shape)}")
     if tuple(video.shape) != (batch, dim):
         raise ValueError(f"video must have shape [B,D] = [{batch},{dim}], got {tuple(video.shape)}")
     if key_padding_mask is not None:
