@@ -220,6 +220,19 @@ void motion_mix_bwd(const Tensor& grad_u, const Tensor& grad_v, const Tensor& gr
   MPFAST_IMPL(motion_mix_bwd)(grad_u, grad_v, grad_mu, h, m, gate, grad_h, grad_m, grad_gate);
 }
 
+// A finite score scale and an optional key_padding_mask: bool [B, L] on q's device (True = padded key).
+void check_scale_and_mask(const char* op, double scale, const std::optional<Tensor>& mask, const Tensor& q, int64_t B,
+                          int64_t L) {
+  TORCH_CHECK_VALUE(std::isfinite(scale), op, ": scale must be finite, got ", scale);
+  if (!mask.has_value() || !mask->defined()) return;
+  TORCH_CHECK_TYPE(mask->scalar_type() == at::kBool, op,
+                   ": key_padding_mask must be a bool tensor (True = padded key), got ", mask->scalar_type());
+  check_same_device(op, "key_padding_mask", *mask, "q", q);
+  TORCH_CHECK_TYPE(mask->layout() == c10::kStrided, op, ": key_padding_mask must be a strided (dense) tensor");
+  TORCH_CHECK_VALUE(mask->dim() == 2 && mask->size(0) == B && mask->size(1) == L, op,
+                    ": key_padding_mask must have shape [B,L] = [", B, ", ", L, "], got ", shape_str(mask->sizes()));
+}
+
 void check_attention_inputs(const char* op, const Tensor& q, const Tensor& k, const Tensor& v, double scale,
                             const std::optional<Tensor>& mask) {
   check_input(op, "q", q, -1, "");
@@ -239,15 +252,7 @@ void check_attention_inputs(const char* op, const Tensor& q, const Tensor& k, co
   TORCH_CHECK_VALUE(q.dim() == 3 || q.size(0) == B, op, ": q of shape [B,C,H,d] must have B = ", B,
                     " as k, got shape ", shape_str(q.sizes()));
   TORCH_CHECK_VALUE(L >= 1 && d >= 1, op, ": k must have L >= 1 keys and d >= 1, got shape ", shape_str(k.sizes()));
-  TORCH_CHECK_VALUE(std::isfinite(scale), op, ": scale must be finite, got ", scale);
-  if (mask.has_value() && mask->defined()) {
-    TORCH_CHECK_TYPE(mask->scalar_type() == at::kBool, op,
-                     ": key_padding_mask must be a bool tensor (True = padded key), got ", mask->scalar_type());
-    check_same_device(op, "key_padding_mask", *mask, "q", q);
-    TORCH_CHECK_TYPE(mask->layout() == c10::kStrided, op, ": key_padding_mask must be a strided (dense) tensor");
-    TORCH_CHECK_VALUE(mask->dim() == 2 && mask->size(0) == B && mask->size(1) == L, op,
-                      ": key_padding_mask must have shape [B,L] = [", B, ", ", L, "], got ", shape_str(mask->sizes()));
-  }
+  check_scale_and_mask(op, scale, mask, q, B, L);
 }
 
 const at::TensorBase* mask_ptr(const std::optional<Tensor>& mask) {
@@ -310,15 +315,7 @@ void check_class_inputs(const char* op, const Tensor& q, const Tensor& k, const 
   }
   check_same_device(op, "k", k, "q", q);
   check_same_dtype(op, "k", k, "q", q);
-  TORCH_CHECK_VALUE(std::isfinite(scale), op, ": scale must be finite, got ", scale);
-  if (mask.has_value() && mask->defined()) {
-    TORCH_CHECK_TYPE(mask->scalar_type() == at::kBool, op,
-                     ": key_padding_mask must be a bool tensor (True = padded key), got ", mask->scalar_type());
-    check_same_device(op, "key_padding_mask", *mask, "q", q);
-    TORCH_CHECK_TYPE(mask->layout() == c10::kStrided, op, ": key_padding_mask must be a strided (dense) tensor");
-    TORCH_CHECK_VALUE(mask->dim() == 2 && mask->size(0) == B && mask->size(1) == L, op,
-                      ": key_padding_mask must have shape [B,L] = [", B, ", ", L, "], got ", shape_str(mask->sizes()));
-  }
+  check_scale_and_mask(op, scale, mask, q, B, L);
 }
 
 void class_logits_fwd(const Tensor& q, const Tensor& k, const Tensor& base_v, const Tensor& v, const Tensor& gram,

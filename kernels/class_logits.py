@@ -45,7 +45,7 @@ MAX_KEY_TILE = 16384
 LIMITS = Limits(SUPPORTED_DTYPES, max_sizes={"head_dim": MAX_HEAD_DIM, "key_tile": MAX_KEY_TILE},
                 max_sizes_by_dtype={torch.float32: {"key_tile": MAX_KEY_TILE // 4},
                                     torch.float64: {"key_tile": MAX_KEY_TILE // 8}})
-EPS = 1e-12  # the norm's clamp, as in mpfast.ops.class_logits
+EPS_SQUARED: tl.constexpr = tl.constexpr(1e-24)  # |t'|^2 is clamped at eps^2 (eps = 1e-12, mpfast.ops.class_logits.EPS)
 _PROGRAMS_PER_SM = 2
 
 _COUNTS = ["C", "L", "H", "B", "GROUPS"]
@@ -113,20 +113,31 @@ def _tile(q_ptr, sqc, sqh, sqd, r_ptr, src, srh, srd,
 
 
 @triton.jit
-def _grads_of_tile(grad_ptr, sg, c0, C, dot, sq, a, g, ma, y, scale,
-                   ACC: tl.constexpr, BLOCK_C: tl.constexpr):
-    # d/d<w, t'> and d/d|t'|^2 of each class (0 past C and below the clamp), and the
-    # gradients of the scores (ds) and of g (dg).
+def _tile_grads(grad_ptr, sgb, sgc,
+                q_ptr, sqc, sqh, sqd, r_ptr, src, srh, srd,
+                k_ptr, skb, skl, skh, skd, v_ptr, svb, svl, svh, svd,
+                m_ptr, smb, sm1, sm2, y_ptr, syb, sy1, sy2, bias_ptr, sbb, sbl,
+                n0_ptr, sn0b, sn0c, s_ptr, ss, b, c0, C, L, H, HEAD_DIM, scale,
+                HAS_MASK: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
+                HP: tl.constexpr, BLOCK_C: tl.constexpr, LP: tl.constexpr, BLOCK_D: tl.constexpr):
+    # The tile of video b and classes [c0, c0 + BLOCK_C) recomputed, and its gradients:
+    # d/d<w, t'> and d/d|t'|^2 of each class (0 past C and below the clamp), of the scores
+    # (grad_s, softmax backward included) and of g (grad_g).
+    q, r, k, v, a, g, ma, y, a_flat, dot, sq = _tile(
+        q_ptr, sqc, sqh, sqd, r_ptr, src, srh, srd,
+        k_ptr + b * skb, skl, skh, skd, v_ptr + b * svb, svl, svh, svd,
+        m_ptr + b * smb, sm1, sm2, y_ptr + b * syb, sy1, sy2, bias_ptr + b * sbb, sbl,
+        n0_ptr + b * sn0b + c0 * sn0c, sn0c, s_ptr, ss, c0, C, L, H, HEAD_DIM, scale,
+        HAS_MASK, ACC, PRECISION, DOT_UPCAST, HP, BLOCK_C, LP, BLOCK_D)
     cc = tl.arange(0, BLOCK_C)
-    grad = tl.load(grad_ptr + cc * sg, mask=c0 + cc < C, other=0.0).to(ACC)
-    eps2 = 1e-24
-    norm = tl.sqrt(tl.maximum(sq, eps2))
+    grad = tl.load(grad_ptr + b * sgb + (c0 + cc) * sgc, mask=c0 + cc < C, other=0.0).to(ACC)
+    norm = tl.sqrt(tl.maximum(sq, EPS_SQUARED))
     grad_dot = grad / norm
-    grad_sq = tl.where(sq > eps2, -0.5 * grad * dot / (norm * norm * norm), 0.0)
+    grad_sq = tl.where(sq > EPS_SQUARED, -0.5 * grad * dot / (norm * norm * norm), 0.0)
     grad_a = grad_dot[None, :, None] * y[:, None, :] + 2.0 * grad_sq[None, :, None] * (g + ma)
     grad_g = 2.0 * grad_sq[None, :, None] * a
     grad_s = a * (grad_a - tl.sum(a * grad_a, axis=2)[:, :, None]) * scale
-    return grad_dot, grad_sq, grad_s, grad_g
+    return q, r, k, v, a, a_flat, grad_dot, grad_sq, grad_s, grad_g
 
 
 @triton.jit(do_not_specialize=_COUNTS)
@@ -150,7 +161,7 @@ def _class_logits_fwd_kernel(
         n0_ptr + b * sn0b + c0 * sn0c, sn0c, s_ptr, ss, c0, C, L, H, HEAD_DIM, scale,
         HAS_MASK, ACC, PRECISION, DOT_UPCAST, HP, BLOCK_C, LP, BLOCK_D)
     cc = tl.arange(0, BLOCK_C)
-    cosine = dot / tl.sqrt(tl.maximum(sq, 1e-24))
+    cosine = dot / tl.sqrt(tl.maximum(sq, EPS_SQUARED))
     tl.store(out_ptr + b * sob + (c0 + cc) * soc, cosine.to(out_ptr.dtype.element_ty), mask=c0 + cc < C)
 
 
@@ -183,14 +194,12 @@ def _class_logits_bwd_video_kernel(
     grad_v = tl.zeros([HP, LP, BLOCK_D], dtype=ACC)
     grad_y = tl.zeros([HP, LP], dtype=ACC)
     for c0 in range(group * BLOCK_C, C, GROUPS * BLOCK_C):
-        q, r, k, v, a, g, ma, y, a_flat, dot, sq = _tile(
-            q_ptr, sqc, sqh, sqd, r_ptr, src, srh, srd,
-            k_ptr + b * skb, skl, skh, skd, v_ptr + b * svb, svl, svh, svd,
-            m_ptr + b * smb, sm1, sm2, y_ptr + b * syb, sy1, sy2, bias_ptr + b * sbb, sbl,
-            n0_ptr + b * sn0b + c0 * sn0c, sn0c, s_ptr, ss, c0, C, L, H, HEAD_DIM, scale,
+        q, r, k, v, a, a_flat, grad_dot, grad_sq, grad_s, grad_g = _tile_grads(
+            grad_ptr, sgb, sgc, q_ptr, sqc, sqh, sqd, r_ptr, src, srh, srd,
+            k_ptr, skb, skl, skh, skd, v_ptr, svb, svl, svh, svd,
+            m_ptr, smb, sm1, sm2, y_ptr, syb, sy1, sy2, bias_ptr, sbb, sbl,
+            n0_ptr, sn0b, sn0c, s_ptr, ss, b, c0, C, L, H, HEAD_DIM, scale,
             HAS_MASK, ACC, PRECISION, DOT_UPCAST, HP, BLOCK_C, LP, BLOCK_D)
-        grad_dot, grad_sq, grad_s, grad_g = _grads_of_tile(grad_ptr + b * sgb + c0 * sgc, sgc, c0, C, dot, sq, a, g,
-                                                           ma, y, scale, ACC, BLOCK_C)
         tl.store(grad_n0_ptr + b * sgn0b + (c0 + cc) * sgn0c, grad_dot.to(grad_n0_ptr.dtype.element_ty),
                  mask=c0 + cc < C)
         grad_k += _dot(tl.permute(grad_s, (0, 2, 1)).to(q.dtype), q, ACC, PRECISION, DOT_UPCAST)
@@ -232,14 +241,12 @@ def _class_logits_bwd_class_kernel(
     grad_r = tl.zeros([HP, BLOCK_C, BLOCK_D], dtype=ACC)
     grad_base_sq = tl.zeros([BLOCK_C], dtype=ACC)
     for b in range(group, B, GROUPS):
-        q, r, k, v, a, g, ma, y, a_flat, dot, sq = _tile(
-            q_ptr, sqc, sqh, sqd, r_ptr, src, srh, srd,
-            k_ptr + b * skb, skl, skh, skd, v_ptr + b * svb, svl, svh, svd,
-            m_ptr + b * smb, sm1, sm2, y_ptr + b * syb, sy1, sy2, bias_ptr + b * sbb, sbl,
-            n0_ptr + b * sn0b + c0 * sn0c, sn0c, s_ptr, ss, c0, C, L, H, HEAD_DIM, scale,
+        q, r, k, v, a, a_flat, grad_dot, grad_sq, grad_s, grad_g = _tile_grads(
+            grad_ptr, sgb, sgc, q_ptr, sqc, sqh, sqd, r_ptr, src, srh, srd,
+            k_ptr, skb, skl, skh, skd, v_ptr, svb, svl, svh, svd,
+            m_ptr, smb, sm1, sm2, y_ptr, syb, sy1, sy2, bias_ptr, sbb, sbl,
+            n0_ptr, sn0b, sn0c, s_ptr, ss, b, c0, C, L, H, HEAD_DIM, scale,
             HAS_MASK, ACC, PRECISION, DOT_UPCAST, HP, BLOCK_C, LP, BLOCK_D)
-        grad_dot, grad_sq, grad_s, grad_g = _grads_of_tile(grad_ptr + b * sgb + c0 * sgc, sgc, c0, C, dot, sq, a, g,
-                                                           ma, y, scale, ACC, BLOCK_C)
         grad_q += _dot(grad_s.to(k.dtype), k, ACC, PRECISION, DOT_UPCAST)
         grad_r += _dot(grad_g.to(v.dtype), v, ACC, PRECISION, DOT_UPCAST)
         grad_base_sq += grad_sq
