@@ -6,8 +6,9 @@
 #
 # 1. the op tests on CUDA tensors, real kernels (no Triton interpreter), failing if a
 #    required backend cannot run;
-# 2. the op benchmarks (every backend, eager and torch.compile reference, copy baseline),
-#    saved as JSON;
+# 2. the op benchmarks (every backend, eager and torch.compile reference, copy baseline)
+#    and the head-level class_logits benchmark (fused head against the unfused model, its
+#    torch.compile, peak memory), saved as JSON;
 # 3. a Markdown table: op, shape, dtype, backend, ms, GB/s, TFLOP/s, ratio to eager and
 #    to torch.compile.
 #
@@ -19,7 +20,7 @@
 #   GPU_CHECK_MODEL     1: also benchmark ViT-B/16 end to end and run `mpfast report`
 #                       on it (bfloat16, 8 and 16 frames; +2-3 min) [0]
 #   GPU_CHECK_WORKERS   parallel test processes when pytest-xdist is installed [8]
-#   GPU_CHECK_TEST_TIMEOUT / GPU_CHECK_BENCH_TIMEOUT  seconds per stage [180 / 300]
+#   GPU_CHECK_TEST_TIMEOUT / GPU_CHECK_BENCH_TIMEOUT  seconds per stage [180 / 360]
 set -u -o pipefail
 
 PY="${PYTHON:-python3}"  # the GPU images have python3 (their venv), not always python
@@ -27,7 +28,7 @@ DEVICE="${GPU_CHECK_DEVICE:-cuda}"
 BACKENDS="${GPU_CHECK_BACKENDS:-reference,triton,cuda}"
 OUT="${GPU_CHECK_OUT:-gpu_check_out}"
 TEST_TIMEOUT="${GPU_CHECK_TEST_TIMEOUT:-180}"
-BENCH_TIMEOUT="${GPU_CHECK_BENCH_TIMEOUT:-300}"
+BENCH_TIMEOUT="${GPU_CHECK_BENCH_TIMEOUT:-360}"
 mkdir -p "$OUT"
 status=0
 start=$(date +%s)
@@ -61,7 +62,8 @@ TRITON_TESTS=""
 [ "$DEVICE" = "cuda" ] && TRITON_TESTS="tests/test_triton.py"
 # shellcheck disable=SC2086
 MPFAST_TEST_DEVICE="$DEVICE" MPFAST_REQUIRE_BACKENDS="$BACKENDS" timeout "$TEST_TIMEOUT" \
-    "$PY" -m pytest tests/test_temporal_diff.py tests/test_motion_mix.py tests/test_prompt_attention.py $TRITON_TESTS \
+    "$PY" -m pytest tests/test_temporal_diff.py tests/test_motion_mix.py tests/test_prompt_attention.py \
+    tests/test_class_logits.py $TRITON_TESTS \
     $PARALLEL -q -p no:randomly -p no:cacheprovider -rfE --junitxml="$OUT/op_tests.xml" 2>&1 | tail -n 25
 rc=$?
 [ $rc -eq 124 ] && echo "op tests: TIMED OUT after ${TEST_TIMEOUT}s"
@@ -70,6 +72,7 @@ echo "op tests: exit $rc ($(( $(date +%s) - start ))s so far)"
 
 echo "== 2/3 op benchmarks on $DEVICE"
 BENCHES="benchmarks/test_temporal_diff.py benchmarks/test_motion_mix.py benchmarks/test_prompt_attention.py"
+BENCHES="$BENCHES benchmarks/test_class_logits.py"  # the head, fused against unfused (about a minute on a GPU)
 [ "${GPU_CHECK_MODEL:-0}" = "1" ] && BENCHES="$BENCHES benchmarks/test_model.py"
 # shellcheck disable=SC2086
 MPFAST_BENCH_DEVICE="$DEVICE" timeout "$BENCH_TIMEOUT" "$PY" -m pytest $BENCHES -q -p no:randomly -p no:cacheprovider \

@@ -59,3 +59,24 @@ def test_benchmark_dtypes_from_the_environment(monkeypatch):
     monkeypatch.setenv("MPFAST_BENCH_DTYPES", "float8")
     with pytest.raises(ValueError, match="MPFAST_BENCH_DTYPES: unknown dtype"):
         _harness.bench_dtypes()
+
+
+def test_peak_memory_column(tmp_path):
+    with_peak = _bench("cpp", 1e-3)
+    with_peak["extra_info"]["peak_memory_bytes"] = 3 * 2**20
+    table = compare.table(compare.load(_run(tmp_path, "run.json", [_bench("eager", 2e-3), with_peak])))
+    assert "| peak MiB |" in table
+    assert "| temporal_diff | 32x16x512 | bfloat16 | fwd | cpp | 1 |" in table and table.rstrip().endswith("| 2.00 |  | 3 |")
+
+
+def test_peak_memory_of_one_call_on_cpu():
+    """A call that holds 8 MiB at once (two 4 MiB tensors) peaks at least there, whatever was allocated before."""
+    kept = torch.empty(2**20)  # allocated before: not counted
+
+    def call():
+        a = torch.ones(2**20)
+        b = a * 2
+        return float((a + b).sum()), kept
+
+    peak = _harness.peak_memory(call, torch.device("cpu"))
+    assert 8 * 2**20 <= peak < 16 * 2**20
