@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import hashlib
 import re
 from pathlib import Path
 
-import torch
 from torch.utils import cpp_extension
+
+from mpfast.ops.extension import cuda_home
 
 HERE = Path(__file__).resolve().parent
 CSRC = HERE.parents[1] / "csrc"
-CUDA_INCLUDE = Path("/usr/local/cuda/include")
 
 # kernel<T><<<grid, threads, smem, stream>>>(args) -> sim::launch(&kernel<T>, grid, threads, smem, stream, args)
 _LAUNCH = re.compile(r"([A-Za-z_][\w:]*(?:<[^;{}()<>]*>)?)\s*<<<(.*?)>>>\(", re.S)
@@ -58,21 +57,25 @@ def translate(source: str) -> str:
     return _LAUNCH.sub(lambda m: f"sim::launch(&{m.group(1)}, {m.group(2)}, ", source)
 
 
+def cuda_include() -> Path | None:
+    """The CUDA toolkit's include folder (cuda_runtime_api.h: types the kernels' headers use), or None."""
+    home = cuda_home()
+    return home / "include" if home is not None and (home / "include" / "cuda_runtime_api.h").is_file() else None
+
+
 def build(verbose: bool = False):
-    """The emulated CUDA kernels as a Python module (compiled once per source version)."""
+    """The emulated CUDA kernels as a Python module (ninja rebuilds what changed)."""
+    include = cuda_include()
+    if include is None:
+        raise RuntimeError("the CUDA emulation needs a CUDA toolkit's headers (set CUDA_HOME)")
     sources = sorted(CSRC.glob("*.cu"))
-    digest = hashlib.sha256(b"".join(p.read_bytes() for p in [HERE / "sim_cuda.h", Path(__file__), *sources]))
-    build_dir = Path(torch.utils.cpp_extension._get_build_directory("mpfast_cuda_sim", False)) / digest.hexdigest()[:12]
-    build_dir.mkdir(parents=True, exist_ok=True)
-    files = []
-    for src in sources:
-        out = build_dir / (src.stem + "_cu.cpp")
-        out.write_text(f'#line 1 "{src}"\n' + translate(src.read_text()))
-        files.append(str(out))
-    bindings = build_dir / "bindings.cpp"
-    bindings.write_text(_BINDINGS)
-    files.append(str(bindings))
+    build_dir = Path(cpp_extension._get_build_directory("mpfast_cuda_sim", verbose))
+    files = {build_dir / (src.stem + "_cu.cpp"): f'#line 1 "{src}"\n' + translate(src.read_text()) for src in sources}
+    files[build_dir / "bindings.cpp"] = _BINDINGS
+    for path, text in files.items():
+        if not path.exists() or path.read_text() != text:  # unchanged files keep their time: nothing rebuilds
+            path.write_text(text)
     return cpp_extension.load(
-        name="mpfast_cuda_sim", sources=files, build_directory=str(build_dir), verbose=verbose,
-        extra_include_paths=[str(CSRC), str(CUDA_INCLUDE)],
+        name="mpfast_cuda_sim", sources=[str(path) for path in files], build_directory=str(build_dir), verbose=verbose,
+        extra_include_paths=[str(CSRC), str(include)],
         extra_cflags=["-O2", "-std=c++20", "-include", str(HERE / "sim_cuda.h"), "-Wno-unused-function"])
