@@ -9,7 +9,8 @@ from torch import Tensor
 
 # Absolute floors added to the error bound, per dtype. For float64 the bound is
 # atol + rtol * max|ref|; for lower precisions it is 2 x what PyTorch's own reference
-# loses at that precision (measured in the same test) plus the floor.
+# loses at that precision (measured in the same test) plus the floor (a test may count other
+# PyTorch formulations of the result and rounding steps of its largest value: lowp_refs, ulps).
 ATOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 RTOL64 = 1e-8
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
