@@ -35,7 +35,7 @@ import triton.language as tl
 
 from mpfast.ops._registry import Limits
 
-from ._utils import SUPPORTED_DTYPES, acc_dtype, acc_torch_dtype, on_tensor_device
+from ._utils import SUPPORTED_DTYPES, acc_dtype, acc_torch_dtype, cdiv, next_power_of_2, on_tensor_device
 from .prompt_attention import _bias_args, _dot, _dot_flags, _multiprocessors, _split_scale
 
 MAX_HEAD_DIM = 128
@@ -261,9 +261,9 @@ def _class_logits_bwd_class_kernel(
 def _config(classes: int, keys: int, heads: int, head_dim: int) -> dict:
     """Block sizes (``tl.dot`` takes blocks of at least 16; the key tile is the spec's
     ``key_tile``) and warps."""
-    lp = max(16, triton.next_power_of_2(keys))
-    block_d = max(16, triton.next_power_of_2(head_dim))
-    hp = triton.next_power_of_2(heads)
+    lp = max(16, next_power_of_2(keys))
+    block_d = max(16, next_power_of_2(head_dim))
+    hp = next_power_of_2(heads)
     return dict(HP=hp, BLOCK_C=16, LP=lp, BLOCK_D=block_d, num_warps=8 if hp * lp * block_d >= 8192 else 4)
 
 
@@ -287,7 +287,7 @@ def class_logits_fwd(q, k, base_v, v, gram, proj, base_dot, base_sq, scale, key_
     classes = q.shape[0]
     tensors, scales = _args(q, k, base_v, v, gram, proj, base_dot, base_sq, key_padding_mask, scale)
     config = _config(classes, keys, heads, head_dim)
-    grid = (batch, triton.cdiv(classes, config["BLOCK_C"]))
+    grid = (batch, cdiv(classes, config["BLOCK_C"]))
     _class_logits_fwd_kernel[grid](
         *tensors, cosine, *cosine.stride(), *scales, classes, keys, heads, head_dim,
         HAS_MASK=key_padding_mask is not None, ACC=acc_dtype(q.dtype), **_dot_flags(q.dtype), **config)
@@ -304,7 +304,7 @@ def class_logits_bwd(grad, q, k, base_v, v, gram, proj, base_dot, base_sq, scale
     hp, lp, block_c, block_d = config["HP"], config["LP"], config["BLOCK_C"], config["BLOCK_D"]
     flags = dict(HAS_MASK=key_padding_mask is not None, ACC=acc_dtype(q.dtype), **_dot_flags(q.dtype), **config)
     work = dict(dtype=acc_torch_dtype(q.dtype), device=q.device)
-    blocks = triton.cdiv(classes, block_c)
+    blocks = cdiv(classes, block_c)
 
     groups = _groups(blocks, batch, q.device)
     dk = torch.empty((groups, batch, hp, lp, block_d), **work)

@@ -59,10 +59,26 @@ def core_op(*args):
     return _op(*args)
 
 
+def fused_in_torch(*args):
+    """The op's own formulation (fold, quadratic form) computed by PyTorch: the reference backend."""
+    with mpfast.ops.backend("reference"):
+        return class_logits(*args)
+
+
+# Below float64 the kernels are held to what PyTorch gets with either formulation: the fold
+# computes |t'|^2 as a sum of terms larger than it (module docstring, "Precision"), so in
+# float16/bfloat16 PyTorch itself loses up to 8x more with it than with the unfused
+# specification (measured over 12 seeds, every case). The float16/bfloat16 kernels round
+# operands to the input dtype for tensor-core products (fp32 accumulation) where PyTorch
+# rounds every intermediate, so their error is another draw of the same size: two rounding
+# steps at the largest value cover that (the worst of 144 seeded draws used 0.82 of the bound).
+LOWP = dict(lowp_refs=[fused_in_torch], ulps=2)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_matches_reference(backend, device, case, dtype):
-    compare_with_reference(class_logits, class_logits_ref, inputs(*case), dtype, device)
+    compare_with_reference(class_logits, class_logits_ref, inputs(*case), dtype, device, **LOWP)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
@@ -76,7 +92,7 @@ def test_core_op_matches_reference(backend, device, case, dtype):
 @pytest.mark.parametrize("case", CASES[:4], ids=str)
 def test_noncontiguous(backend, device, case):
     compare_with_reference(class_logits, class_logits_ref, inputs(*case), torch.float32, device,
-                           make_noncontiguous=True)
+                           make_noncontiguous=True, **LOWP)
     batch, classes, keys, heads, head_dim, _, mask = case
     compare_with_reference(core_op, class_cosine_ref, core_inputs(batch, classes, keys, heads, head_dim, mask),
                            torch.float64, device, make_noncontiguous=True)
