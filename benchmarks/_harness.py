@@ -126,13 +126,40 @@ def forward_backward(
     return step
 
 
-def run(benchmark, fn: Callable[[], object], device: torch.device, **info) -> None:
+def peak_memory(fn: Callable[[], object], device: torch.device) -> int:
+    """Bytes allocated at the peak of one call of ``fn`` above what was allocated before it.
+
+    CUDA: ``torch.cuda.max_memory_allocated``. CPU: the allocations and frees that
+    ``torch.profiler`` records (``profile_memory=True``), summed in time order.
+    """
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return int(torch.cuda.max_memory_allocated(device) - before)
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    live = peak = 0
+    for event in sorted(events, key=lambda e: e.start_ns()):
+        live += event.nbytes()
+        peak = max(peak, live)
+    return int(peak)
+
+
+def run(benchmark, fn: Callable[[], object], device: torch.device, memory: bool = False, **info) -> None:
     """Times ``fn`` and records ``info`` and derived rates.
 
     ``info`` must hold ``bytes`` and ``flops`` (per call) besides the labels. On CUDA one
     round queues ``calls_per_round`` calls and synchronises once, so that a round lasts
     about a millisecond and the launch-and-synchronise latency of a single call does not
-    swamp microsecond kernels; ``compare.py`` divides by ``calls_per_round``.
+    swamp microsecond kernels; ``compare.py`` divides by ``calls_per_round``. With
+    ``memory``, ``peak_memory_bytes`` is one call's peak (:func:`peak_memory`), measured
+    after the timing; else, on CUDA, the peak of the whole benchmark.
     """
     cuda = device.type == "cuda"
     calls = 1
@@ -155,8 +182,12 @@ def run(benchmark, fn: Callable[[], object], device: torch.device, **info) -> No
     rounds = int(min(max(TARGET_SECONDS / once, 5), 100))
     benchmark.extra_info.update(info, device=str(device), calls_per_round=calls)
     benchmark.group = f"{info['op']} {info['shape']} {info['dtype']} {info['pass']}"
-    benchmark.pedantic(call, rounds=rounds, warmup_rounds=1, iterations=1)
     if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    benchmark.pedantic(call, rounds=rounds, warmup_rounds=1, iterations=1)
+    if memory:
+        benchmark.extra_info["peak_memory_bytes"] = peak_memory(fn, device)
+    elif cuda:
         benchmark.extra_info["peak_memory_bytes"] = int(torch.cuda.max_memory_allocated(device))
 
 

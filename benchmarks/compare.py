@@ -1,10 +1,11 @@
 """Turns a saved ``pytest benchmarks --benchmark-json RUN.json`` into a Markdown table; compares two runs.
 
-    python benchmarks/compare.py RUN.json              # one run: ms, GB/s, TFLOP/s, ratios to eager/compile
+    python benchmarks/compare.py RUN.json              # one run: ms, GB/s, TFLOP/s, ratios to eager/compile, peak MiB
     python benchmarks/compare.py BASE.json NEW.json    # two runs: NEW against BASE, benchmark by benchmark
 
 Ratios are speed-ups within one run (``eager median / this median``; above 1 is faster);
-GB/s and TFLOP/s come from the bytes and FLOPs each benchmark records in ``extra_info``.
+GB/s and TFLOP/s come from the bytes and FLOPs each benchmark records in ``extra_info``;
+*peak MiB* is the memory peak it records (``peak_memory_bytes``), where it does.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ def rows(data: dict) -> list[dict]:
         row["median_s"] = median
         row["gbps"] = info["bytes"] / median / 1e9 if info.get("bytes") else None
         row["tflops"] = info["flops"] / median / 1e12 if info.get("flops") else None
+        row["peak_mib"] = info["peak_memory_bytes"] / 2**20 if "peak_memory_bytes" in info else None
         out.append(row)
     by_group: dict[tuple, dict[str, float]] = {}
     for row in out:
@@ -69,14 +71,14 @@ def table(data: dict) -> str:
     lines = [
         f"Run: {describe(data)}",
         "",
-        "| op | shape | dtype | pass | impl | median ms | GB/s | TFLOP/s | x eager | x compile |",
-        "| --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: |",
+        "| op | shape | dtype | pass | impl | median ms | GB/s | TFLOP/s | x eager | x compile | peak MiB |",
+        "| --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows(data):
         lines.append(
             f"| {r['op']} | {r['shape']} | {r['dtype']} | {r['pass']} | {r['impl']} | {1e3 * r['median_s']:.4g} | "
             f"{_num(r['gbps'], '.3g')} | {_num(r['tflops'], '.3g')} | {_num(r['vs_eager'], '.2f')} | "
-            f"{_num(r['vs_compile'], '.2f')} |"
+            f"{_num(r['vs_compile'], '.2f')} | {_num(r['peak_mib'], '.4g')} |"
         )
     return "\n".join(lines) + "\n"
 

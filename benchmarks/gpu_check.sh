@@ -6,8 +6,9 @@
 #
 # 1. the op tests on CUDA tensors, real kernels (no Triton interpreter), failing if a
 #    required backend cannot run;
-# 2. the op benchmarks (every backend, eager and torch.compile reference, copy baseline),
-#    saved as JSON;
+# 2. the op benchmarks (every backend, eager and torch.compile reference, copy baseline)
+#    and the head-level class_logits benchmark (fused head against the unfused model, its
+#    torch.compile, peak memory), saved as JSON;
 # 3. a Markdown table: op, shape, dtype, backend, ms, GB/s, TFLOP/s, ratio to eager and
 #    to torch.compile.
 #
@@ -19,15 +20,15 @@
 #   GPU_CHECK_MODEL     1: also benchmark ViT-B/16 end to end and run `mpfast report`
 #                       on it (bfloat16, 8 and 16 frames; +2-3 min) [0]
 #   GPU_CHECK_WORKERS   parallel test processes when pytest-xdist is installed [8]
-#   GPU_CHECK_TEST_TIMEOUT / GPU_CHECK_BENCH_TIMEOUT  seconds per stage [180 / 300]
+#   GPU_CHECK_TEST_TIMEOUT / GPU_CHECK_BENCH_TIMEOUT  seconds per stage [240 / 360]
 set -u -o pipefail
 
 PY="${PYTHON:-python3}"  # the GPU images have python3 (their venv), not always python
 DEVICE="${GPU_CHECK_DEVICE:-cuda}"
 BACKENDS="${GPU_CHECK_BACKENDS:-reference,triton,cuda}"
 OUT="${GPU_CHECK_OUT:-gpu_check_out}"
-TEST_TIMEOUT="${GPU_CHECK_TEST_TIMEOUT:-180}"
-BENCH_TIMEOUT="${GPU_CHECK_BENCH_TIMEOUT:-300}"
+TEST_TIMEOUT="${GPU_CHECK_TEST_TIMEOUT:-240}"
+BENCH_TIMEOUT="${GPU_CHECK_BENCH_TIMEOUT:-360}"
 mkdir -p "$OUT"
 status=0
 start=$(date +%s)
@@ -61,15 +62,24 @@ TRITON_TESTS=""
 [ "$DEVICE" = "cuda" ] && TRITON_TESTS="tests/test_triton.py"
 # shellcheck disable=SC2086
 MPFAST_TEST_DEVICE="$DEVICE" MPFAST_REQUIRE_BACKENDS="$BACKENDS" timeout "$TEST_TIMEOUT" \
-    "$PY" -m pytest tests/test_temporal_diff.py tests/test_motion_mix.py tests/test_prompt_attention.py $TRITON_TESTS \
-    $PARALLEL -q -p no:randomly -p no:cacheprovider -rfE --junitxml="$OUT/op_tests.xml" 2>&1 | tail -n 25
+    "$PY" -m pytest tests/test_temporal_diff.py tests/test_motion_mix.py tests/test_prompt_attention.py \
+    tests/test_class_logits.py $TRITON_TESTS \
+    $PARALLEL -v -p no:randomly -p no:cacheprovider -p no:benchmark -rfE --junitxml="$OUT/op_tests.xml" 2>&1 \
+    > "$OUT/op_tests.log"
 rc=$?
+# One line per test went to op_tests.log as it finished, so a stage cut by its time limit (the
+# junit file and pytest's summary are written only at the end) still names every failure.
+grep -E "(FAILED|ERROR)( |$)" "$OUT/op_tests.log" | grep -v "^FAILED\|^ERROR" | sed 's/^\[gw[0-9]*\] *//' | head -n 40
+tail -n 15 "$OUT/op_tests.log"
+echo "op tests: $(grep -cE ' PASSED' "$OUT/op_tests.log") passed, $(grep -cE ' FAILED' "$OUT/op_tests.log") failed," \
+    "$(grep -cE ' SKIPPED' "$OUT/op_tests.log") skipped, $(grep -cE ' ERROR' "$OUT/op_tests.log") errors (log: $OUT/op_tests.log)"
 [ $rc -eq 124 ] && echo "op tests: TIMED OUT after ${TEST_TIMEOUT}s"
 [ $rc -ne 0 ] && status=1
 echo "op tests: exit $rc ($(( $(date +%s) - start ))s so far)"
 
 echo "== 2/3 op benchmarks on $DEVICE"
 BENCHES="benchmarks/test_temporal_diff.py benchmarks/test_motion_mix.py benchmarks/test_prompt_attention.py"
+BENCHES="$BENCHES benchmarks/test_class_logits.py"  # the head, fused against unfused (about a minute on a GPU)
 [ "${GPU_CHECK_MODEL:-0}" = "1" ] && BENCHES="$BENCHES benchmarks/test_model.py"
 # shellcheck disable=SC2086
 MPFAST_BENCH_DEVICE="$DEVICE" timeout "$BENCH_TIMEOUT" "$PY" -m pytest $BENCHES -q -p no:randomly -p no:cacheprovider \

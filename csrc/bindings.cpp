@@ -220,6 +220,19 @@ void motion_mix_bwd(const Tensor& grad_u, const Tensor& grad_v, const Tensor& gr
   MPFAST_IMPL(motion_mix_bwd)(grad_u, grad_v, grad_mu, h, m, gate, grad_h, grad_m, grad_gate);
 }
 
+// A finite score scale and an optional key_padding_mask: bool [B, L] on q's device (True = padded key).
+void check_scale_and_mask(const char* op, double scale, const std::optional<Tensor>& mask, const Tensor& q, int64_t B,
+                          int64_t L) {
+  TORCH_CHECK_VALUE(std::isfinite(scale), op, ": scale must be finite, got ", scale);
+  if (!mask.has_value() || !mask->defined()) return;
+  TORCH_CHECK_TYPE(mask->scalar_type() == at::kBool, op,
+                   ": key_padding_mask must be a bool tensor (True = padded key), got ", mask->scalar_type());
+  check_same_device(op, "key_padding_mask", *mask, "q", q);
+  TORCH_CHECK_TYPE(mask->layout() == c10::kStrided, op, ": key_padding_mask must be a strided (dense) tensor");
+  TORCH_CHECK_VALUE(mask->dim() == 2 && mask->size(0) == B && mask->size(1) == L, op,
+                    ": key_padding_mask must have shape [B,L] = [", B, ", ", L, "], got ", shape_str(mask->sizes()));
+}
+
 void check_attention_inputs(const char* op, const Tensor& q, const Tensor& k, const Tensor& v, double scale,
                             const std::optional<Tensor>& mask) {
   check_input(op, "q", q, -1, "");
@@ -239,15 +252,7 @@ void check_attention_inputs(const char* op, const Tensor& q, const Tensor& k, co
   TORCH_CHECK_VALUE(q.dim() == 3 || q.size(0) == B, op, ": q of shape [B,C,H,d] must have B = ", B,
                     " as k, got shape ", shape_str(q.sizes()));
   TORCH_CHECK_VALUE(L >= 1 && d >= 1, op, ": k must have L >= 1 keys and d >= 1, got shape ", shape_str(k.sizes()));
-  TORCH_CHECK_VALUE(std::isfinite(scale), op, ": scale must be finite, got ", scale);
-  if (mask.has_value() && mask->defined()) {
-    TORCH_CHECK_TYPE(mask->scalar_type() == at::kBool, op,
-                     ": key_padding_mask must be a bool tensor (True = padded key), got ", mask->scalar_type());
-    check_same_device(op, "key_padding_mask", *mask, "q", q);
-    TORCH_CHECK_TYPE(mask->layout() == c10::kStrided, op, ": key_padding_mask must be a strided (dense) tensor");
-    TORCH_CHECK_VALUE(mask->dim() == 2 && mask->size(0) == B && mask->size(1) == L, op,
-                      ": key_padding_mask must have shape [B,L] = [", B, ", ", L, "], got ", shape_str(mask->sizes()));
-  }
+  check_scale_and_mask(op, scale, mask, q, B, L);
 }
 
 const at::TensorBase* mask_ptr(const std::optional<Tensor>& mask) {
@@ -286,6 +291,79 @@ void prompt_attention_bwd(const Tensor& grad_out, const Tensor& q, const Tensor&
   MPFAST_IMPL(prompt_attention_bwd)(grad_out, q, k, v, scale, mask_ptr(key_padding_mask), grad_q, grad_k, grad_v);
 }
 
+void check_class_inputs(const char* op, const Tensor& q, const Tensor& k, const Tensor& base_v, const Tensor& v,
+                        const Tensor& gram, const Tensor& proj, const Tensor& base_dot, const Tensor& base_sq,
+                        double scale, const std::optional<Tensor>& mask) {
+  check_input(op, "q", q, 3, "[C,H,d]");
+  check_input(op, "k", k, 4, "[B,L,H,d]");
+  const int64_t C = q.size(0), B = k.size(0), L = k.size(1), H = k.size(2), d = k.size(3);
+  TORCH_CHECK_VALUE(L >= 1 && d >= 1, op, ": k must have L >= 1 keys and d >= 1, got shape ", shape_str(k.sizes()));
+  TORCH_CHECK_VALUE(q.size(1) == H && q.size(2) == d, op, ": q must have shape [C,H,d] = [", C, ", ", H, ", ", d,
+                    "] to match k, got ", shape_str(q.sizes()));
+  const std::pair<const char*, const Tensor*> others[] = {{"base_v", &base_v}, {"v", &v}, {"gram", &gram},
+                                                          {"proj", &proj}, {"base_dot", &base_dot},
+                                                          {"base_sq", &base_sq}};
+  const std::vector<int64_t> shapes[] = {{C, H, d}, {B, L, H, d}, {B, H * L, H * L}, {B, H, L}, {B, C}, {C}};
+  const char* layouts[] = {"[C,H,d]", "[B,L,H,d]", "[B,H*L,H*L]", "[B,H,L]", "[B,C]", "[C]"};
+  for (size_t i = 0; i < 6; ++i) {
+    const auto& [name, t] = others[i];
+    check_input(op, name, *t, static_cast<int64_t>(shapes[i].size()), layouts[i]);
+    check_same_device(op, name, *t, "q", q);
+    check_same_dtype(op, name, *t, "q", q);
+    TORCH_CHECK_VALUE(t->sizes() == c10::IntArrayRef(shapes[i]), op, ": ", name, " must have shape ", layouts[i], " = ",
+                      shape_str(shapes[i]), ", got ", shape_str(t->sizes()));
+  }
+  check_same_device(op, "k", k, "q", q);
+  check_same_dtype(op, "k", k, "q", q);
+  check_scale_and_mask(op, scale, mask, q, B, L);
+}
+
+void class_logits_fwd(const Tensor& q, const Tensor& k, const Tensor& base_v, const Tensor& v, const Tensor& gram,
+                      const Tensor& proj, const Tensor& base_dot, const Tensor& base_sq, double scale,
+                      const std::optional<Tensor>& key_padding_mask, const Tensor& cosine) {
+  const char* op = MPFAST_STR(MPFAST_NS) ".class_logits_fwd";
+  check_class_inputs(op, q, k, base_v, v, gram, proj, base_dot, base_sq, scale, key_padding_mask);
+  check_output(op, "cosine", cosine, {k.size(0), q.size(0)}, q);
+  const Tensor mask = key_padding_mask.value_or(Tensor());
+  check_disjoint(op, {{"cosine", &cosine}},
+                 {{"q", &q}, {"k", &k}, {"base_v", &base_v}, {"v", &v}, {"gram", &gram}, {"proj", &proj},
+                  {"base_dot", &base_dot}, {"base_sq", &base_sq}, {"key_padding_mask", &mask}});
+  MPFAST_DEVICE_GUARD(q);
+  MPFAST_IMPL(class_logits_fwd)(q, k, base_v, v, gram, proj, base_dot, base_sq, scale, mask_ptr(key_padding_mask),
+                                cosine);
+}
+
+void class_logits_bwd(const Tensor& grad_cosine, const Tensor& q, const Tensor& k, const Tensor& base_v,
+                      const Tensor& v, const Tensor& gram, const Tensor& proj, const Tensor& base_dot,
+                      const Tensor& base_sq, double scale, const std::optional<Tensor>& key_padding_mask,
+                      const Tensor& grad_q, const Tensor& grad_k, const Tensor& grad_base_v, const Tensor& grad_v,
+                      const Tensor& grad_gram, const Tensor& grad_proj, const Tensor& grad_base_dot,
+                      const Tensor& grad_base_sq) {
+  const char* op = MPFAST_STR(MPFAST_NS) ".class_logits_bwd";
+  check_class_inputs(op, q, k, base_v, v, gram, proj, base_dot, base_sq, scale, key_padding_mask);
+  check_input(op, "grad_cosine", grad_cosine, 2, "[B,C]");
+  check_same_device(op, "grad_cosine", grad_cosine, "q", q);
+  check_same_dtype(op, "grad_cosine", grad_cosine, "q", q);
+  TORCH_CHECK_VALUE(grad_cosine.sizes() == base_dot.sizes(), op, ": grad_cosine must have shape [B,C] = ",
+                    shape_str(base_dot.sizes()), ", got ", shape_str(grad_cosine.sizes()));
+  const std::pair<const char*, const Tensor*> grads[] = {
+      {"grad_q", &grad_q}, {"grad_k", &grad_k}, {"grad_base_v", &grad_base_v}, {"grad_v", &grad_v},
+      {"grad_gram", &grad_gram}, {"grad_proj", &grad_proj}, {"grad_base_dot", &grad_base_dot},
+      {"grad_base_sq", &grad_base_sq}};
+  const Tensor* inputs[] = {&q, &k, &base_v, &v, &gram, &proj, &base_dot, &base_sq};
+  for (size_t i = 0; i < 8; ++i) check_output(op, grads[i].first, *grads[i].second, inputs[i]->sizes(), q);
+  const Tensor mask = key_padding_mask.value_or(Tensor());
+  check_disjoint(op,
+                 {grads[0], grads[1], grads[2], grads[3], grads[4], grads[5], grads[6], grads[7]},
+                 {{"grad_cosine", &grad_cosine}, {"q", &q}, {"k", &k}, {"base_v", &base_v}, {"v", &v},
+                  {"gram", &gram}, {"proj", &proj}, {"base_dot", &base_dot}, {"base_sq", &base_sq},
+                  {"key_padding_mask", &mask}});
+  MPFAST_DEVICE_GUARD(q);
+  MPFAST_IMPL(class_logits_bwd)(grad_cosine, q, k, base_v, v, gram, proj, base_dot, base_sq, scale,
+                                mask_ptr(key_padding_mask), grad_q, grad_k, grad_base_v, grad_v, grad_gram,
+                                grad_proj, grad_base_dot, grad_base_sq);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(MPFAST_NS, m) {
@@ -299,6 +377,14 @@ TORCH_LIBRARY(MPFAST_NS, m) {
   m.def(
       "prompt_attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, float scale, Tensor? key_padding_mask, "
       "Tensor(a!) grad_q, Tensor(b!) grad_k, Tensor(c!) grad_v) -> ()");
+  m.def(
+      "class_logits_fwd(Tensor q, Tensor k, Tensor base_v, Tensor v, Tensor gram, Tensor proj, Tensor base_dot, "
+      "Tensor base_sq, float scale, Tensor? key_padding_mask, Tensor(a!) cosine) -> ()");
+  m.def(
+      "class_logits_bwd(Tensor grad_cosine, Tensor q, Tensor k, Tensor base_v, Tensor v, Tensor gram, Tensor proj, "
+      "Tensor base_dot, Tensor base_sq, float scale, Tensor? key_padding_mask, Tensor(a!) grad_q, "
+      "Tensor(b!) grad_k, Tensor(c!) grad_base_v, Tensor(d!) grad_v, Tensor(e!) grad_gram, Tensor(f!) grad_proj, "
+      "Tensor(g!) grad_base_dot, Tensor(h!) grad_base_sq) -> ()");
 }
 
 // CompositeExplicitAutograd: tensors on any device reach the checks above (which name
@@ -310,4 +396,6 @@ TORCH_LIBRARY_IMPL(MPFAST_NS, CompositeExplicitAutograd, m) {
   m.impl("motion_mix_bwd", &motion_mix_bwd);
   m.impl("prompt_attention_fwd", &prompt_attention_fwd);
   m.impl("prompt_attention_bwd", &prompt_attention_bwd);
+  m.impl("class_logits_fwd", &class_logits_fwd);
+  m.impl("class_logits_bwd", &class_logits_bwd);
 }

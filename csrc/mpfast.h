@@ -70,7 +70,23 @@ constexpr int kMaxCudaFeatureDims = 6;
                                      const at::TensorBase& k, const at::TensorBase& v, double scale,   \
                                      const at::TensorBase* key_padding_mask,                           \
                                      const at::TensorBase& grad_q, const at::TensorBase& grad_k,       \
-                                     const at::TensorBase& grad_v);
+                                     const at::TensorBase& grad_v);                                    \
+  void class_logits_fwd_##suffix(const at::TensorBase& q, const at::TensorBase& k,                     \
+                                 const at::TensorBase& base_v, const at::TensorBase& v,                \
+                                 const at::TensorBase& gram, const at::TensorBase& proj,               \
+                                 const at::TensorBase& base_dot, const at::TensorBase& base_sq,        \
+                                 double scale, const at::TensorBase* key_padding_mask,                 \
+                                 const at::TensorBase& cosine);                                        \
+  void class_logits_bwd_##suffix(const at::TensorBase& grad_cosine, const at::TensorBase& q,           \
+                                 const at::TensorBase& k, const at::TensorBase& base_v,                \
+                                 const at::TensorBase& v, const at::TensorBase& gram,                  \
+                                 const at::TensorBase& proj, const at::TensorBase& base_dot,           \
+                                 const at::TensorBase& base_sq, double scale,                          \
+                                 const at::TensorBase* key_padding_mask, const at::TensorBase& grad_q, \
+                                 const at::TensorBase& grad_k, const at::TensorBase& grad_base_v,      \
+                                 const at::TensorBase& grad_v, const at::TensorBase& grad_gram,        \
+                                 const at::TensorBase& grad_proj, const at::TensorBase& grad_base_dot, \
+                                 const at::TensorBase& grad_base_sq);
 
 MPFAST_DECLARE_OPS(cpu)
 MPFAST_DECLARE_OPS(cuda)

@@ -1,7 +1,7 @@
 """Triton kernels of the mpfast ops, importable as ``mpfast.kernels``.
 
 Each op has one file here (``temporal_diff.py``, ``motion_mix.py``,
-``prompt_attention.py``) holding its forward and backward kernels and launchers
+``prompt_attention.py``, ``class_logits.py``) holding its forward and backward kernels and launchers
 ``<op>_fwd(*args, *outputs)`` and ``<op>_bwd(*grads, *saved, *grad_inputs)``, which fill
 the outputs they are given (the contract of :class:`mpfast.ops._registry.OpImpl`), and
 ``LIMITS`` when the kernels take less than every float dtype and size.

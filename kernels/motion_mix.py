@@ -31,7 +31,7 @@ import triton.language as tl
 from mpfast.ops._registry import Limits
 from mpfast.ops.motion_mix import EPS
 
-from ._utils import SUPPORTED_DTYPES, acc_dtype, acc_torch_dtype, on_tensor_device
+from ._utils import SUPPORTED_DTYPES, acc_dtype, acc_torch_dtype, cdiv, next_power_of_2, on_tensor_device
 
 MAX_STREAMS = 64
 LIMITS = Limits(SUPPORTED_DTYPES, max_sizes={"streams": MAX_STREAMS})
@@ -215,13 +215,13 @@ def _launch_config(streams: int, dim: int, itemsize: int) -> tuple[int, int, int
     streams spread over threads and warps (their sums go through shared memory): narrower
     blocks, 8 elements of m per thread, one frame per step.
     """
-    block_s = triton.next_power_of_2(streams)
+    block_s = next_power_of_2(streams)
     if block_s > 2:
-        block_d = min(triton.next_power_of_2(dim), max(16, MAX_TILE_D_MANY_STREAMS // block_s))
+        block_d = min(next_power_of_2(dim), max(16, MAX_TILE_D_MANY_STREAMS // block_s))
         return 1, block_s, block_d, max(1, min(8, block_s * block_d // 256))
-    block_d = min(triton.next_power_of_2(dim), MAX_BLOCK_D)
+    block_d = min(next_power_of_2(dim), MAX_BLOCK_D)
     warps = max(1, min(8, block_s * block_d // (32 * 16)))
-    per_frame = triton.cdiv((block_s + 1) * block_d, 32 * warps)  # elements of h and m per thread and frame
+    per_frame = cdiv((block_s + 1) * block_d, 32 * warps)  # elements of h and m per thread and frame
     budget = ELEMENTS_PER_THREAD * 4 // max(4, itemsize)  # float64 takes two registers an element
     rows = max(1, min(MAX_BLOCK_T, budget // per_frame))
     return 1 << (rows.bit_length() - 1), block_s, block_d, warps  # BLOCK_T: a power of two <= rows

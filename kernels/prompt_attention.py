@@ -44,7 +44,7 @@ import triton.language as tl
 
 from mpfast.ops._registry import Limits
 
-from ._utils import SUPPORTED_DTYPES, acc_dtype, acc_torch_dtype, on_tensor_device
+from ._utils import SUPPORTED_DTYPES, acc_dtype, acc_torch_dtype, cdiv, next_power_of_2, on_tensor_device
 
 MAX_HEAD_DIM = 256
 # float64 tiles of a 256-wide head stay near 200 KiB of shared memory even at the smallest
@@ -365,11 +365,11 @@ def _launch_config(classes: int, keys: int, head_dim: int, dtype: torch.dtype, k
     short key blocks (``BWD_KV_BLOCK_L``): many programs, small accumulators. A loop over
     several blocks is software-pipelined two deep; a single block is not pipelined.
     """
-    block_d = max(16, triton.next_power_of_2(head_dim))
+    block_d = max(16, next_power_of_2(head_dim))
     wide = block_d > 64 or dtype == torch.float64
     rows = max(16, MAX_TILE_BYTES // (block_d * dtype.itemsize))  # rows of one tile
-    block_c = min(32 if wide else 64, rows, max(16, triton.next_power_of_2(classes)))
-    all_keys = max(16, triton.next_power_of_2(keys))
+    block_c = min(32 if wide else 64, rows, max(16, next_power_of_2(classes)))
+    all_keys = max(16, next_power_of_2(keys))
     warps = 8 if block_d >= 128 else 4
     if kernel == "fwd":
         block_l = min(64, rows, all_keys)
@@ -448,7 +448,7 @@ def prompt_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scal
     classes = q.shape[-3]
     q_args, k_args, v_args, bias_args, scales = _common_args(q, k, v, key_padding_mask, scale)
     config = _launch_config(classes, keys, head_dim, q.dtype)
-    grid = (batch * heads, triton.cdiv(classes, config["BLOCK_C"]))
+    grid = (batch * heads, cdiv(classes, config["BLOCK_C"]))
     _prompt_attention_fwd_kernel[grid](
         *q_args, *k_args, *v_args, *bias_args,
         out, *out.stride(),
@@ -472,7 +472,7 @@ def prompt_attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tenso
     delta = torch.empty_like(lse)
     config = _launch_config(classes, keys, head_dim, q.dtype, "bwd_q")
     flags = dict(HAS_MASK=key_padding_mask is not None, ACC=acc_dtype(q.dtype), **_dot_flags(q.dtype))
-    query_blocks = triton.cdiv(classes, config["BLOCK_C"])
+    query_blocks = cdiv(classes, config["BLOCK_C"])
     groups, per_group = 1, 1
     grad_q_out = grad_q
     if shared:
@@ -480,8 +480,8 @@ def prompt_attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tenso
         # partial sum (accumulator dtype) that one reduction adds up, so that a small
         # heads x query-blocks grid still fills the device.
         groups = _video_groups(batch, heads * query_blocks, q.device)
-        per_group = triton.cdiv(batch, groups)
-        groups = triton.cdiv(batch, per_group)
+        per_group = cdiv(batch, groups)
+        groups = cdiv(batch, per_group)
         if groups > 1:
             grad_q_out = torch.empty((groups, classes, heads, head_dim), dtype=acc_torch_dtype(q.dtype),
                                      device=q.device)
@@ -503,7 +503,7 @@ def prompt_attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tenso
         else:
             grad_q.copy_(grad_q_out.sum(0))
     config = _launch_config(classes, keys, head_dim, q.dtype, "bwd_kv")
-    grid = (batch * heads, triton.cdiv(keys, config["BLOCK_L"]))
+    grid = (batch * heads, cdiv(keys, config["BLOCK_L"]))
     _prompt_attention_bwd_dkdv_kernel[grid](
         grad_out, *grad_out.stride(),
         *q_args, *k_args, *v_args, *bias_args,

@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import acc_dtype, flatten_features, int_table, on_tensor_device
+from ._utils import acc_dtype, cdiv, flatten_features, int_table, next_power_of_2, on_tensor_device
 
 # One program moves BLOCK_F elements of every tensor it touches: up to 16 per thread, in
 # 16-byte vectors for 16-bit dtypes, so that each SM keeps enough bytes in flight.
@@ -102,7 +102,7 @@ def _temporal_diff_bwd_kernel(
 def _launch_config(num_features: int) -> tuple[int, int]:
     """``(BLOCK_F, num_warps)`` for a feature size: whole rows up to ``MAX_BLOCK_F``,
     ``ELEMENTS_PER_THREAD`` elements per thread (at most 8 warps)."""
-    block = min(triton.next_power_of_2(max(num_features, 1)), MAX_BLOCK_F)
+    block = min(next_power_of_2(max(num_features, 1)), MAX_BLOCK_F)
     return block, max(1, min(8, block // (32 * ELEMENTS_PER_THREAD)))
 
 
@@ -115,10 +115,10 @@ def temporal_diff_fwd(x: torch.Tensor, strides: Sequence[int], out: torch.Tensor
     """Fills ``out [B, S, T, *F]`` with ``x[:, t + k_s] - x[:, t]`` (0 past the end) for ``x [B, T, *F]``."""
     batch, frames = x.shape[:2]
     x3 = flatten_features(x, 2)
-    out4 = out.view(batch, len(strides), frames, -1)
+    out4 = flatten_features(out, 3)
     num_features = x3.shape[2]
     block, warps = _launch_config(num_features)
-    grid = (batch * len(strides) * frames * triton.cdiv(num_features, block),)
+    grid = (batch * len(strides) * frames * cdiv(num_features, block),)
     _temporal_diff_fwd_kernel[grid](
         x3, *x3.stride(),
         out4, *out4.stride(),
@@ -133,10 +133,10 @@ def temporal_diff_bwd(grad: torch.Tensor, strides: Sequence[int], grad_x: torch.
     """Fills ``grad_x [B, T, *F]`` from ``grad [B, S, T, *F]`` (which may be strided or expanded)."""
     batch, frames = grad.shape[0], grad.shape[2]
     grad4 = flatten_features(grad, 3)
-    grad_x3 = grad_x.view(batch, frames, -1)
+    grad_x3 = flatten_features(grad_x, 2)
     num_features = grad4.shape[3]
     block, warps = _launch_config(num_features)
-    grid = (batch * frames * triton.cdiv(num_features, block),)
+    grid = (batch * frames * cdiv(num_features, block),)
     _temporal_diff_bwd_kernel[grid](
         grad4, *grad4.stride(),
         grad_x3, *grad_x3.stride(),

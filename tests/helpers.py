@@ -9,7 +9,8 @@ from torch import Tensor
 
 # Absolute floors added to the error bound, per dtype. For float64 the bound is
 # atol + rtol * max|ref|; for lower precisions it is 2 x what PyTorch's own reference
-# loses at that precision (measured in the same test) plus the floor.
+# loses at that precision (measured in the same test) plus the floor (a test may count other
+# PyTorch formulations of the result and rounding steps of its largest value: lowp_refs, ulps).
 ATOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 RTOL64 = 1e-8
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
@@ -47,7 +48,8 @@ def _max_err(a: Tensor, b: Tensor) -> float:
 
 
 def compare_with_reference(op: Callable, ref: Callable, args: Sequence, dtype: torch.dtype, device: torch.device,
-                           make_noncontiguous: bool = False) -> None:
+                           make_noncontiguous: bool = False, lowp_refs: Sequence[Callable] = (),
+                           ulps: float = 0.0) -> None:
     """Asserts that ``op`` matches ``ref`` (computed in float64) in values and gradients.
 
     Args:
@@ -56,6 +58,12 @@ def compare_with_reference(op: Callable, ref: Callable, args: Sequence, dtype: t
         args: arguments; float tensors (float64, CPU) are cast to ``dtype`` and become
             differentiable, other values pass through.
         make_noncontiguous: feed ``op`` non-contiguous copies of the float tensors.
+        lowp_refs: more PyTorch computations of the same result (another formulation of
+            it) whose error at ``dtype`` also counts as "what PyTorch gets" in the bound
+            below float64 (the largest error of ``ref`` and these is taken).
+        ulps: below float64, rounding steps of ``dtype`` at the largest reference value
+            added to the bound (``ulps * eps * max|ref|``): a tensor of a few elements can
+            see PyTorch's own error fall well below one rounding step by luck.
     """
     args64 = [_prepare(a, torch.float64, device, False) for a in args]
     outs64 = ref(*args64)
@@ -66,16 +74,17 @@ def compare_with_reference(op: Callable, ref: Callable, args: Sequence, dtype: t
     lowp_args = [_prepare(a, dtype, device, make_noncontiguous) for a in args]
     out, grads = _outputs_and_grads(op, lowp_args, grad_outputs)
     if dtype != torch.float64:
-        ref_lowp_out, ref_lowp_grads = _outputs_and_grads(ref, [_prepare(a, dtype, device, False) for a in args],
-                                                         grad_outputs)
+        lowp = [sum(_outputs_and_grads(fn, [_prepare(a, dtype, device, False) for a in args], grad_outputs), [])
+                for fn in (ref, *lowp_refs)]
     names = [f"output {i}" for i in range(len(out))] + [f"grad {i}" for i in range(len(grads))]
     for i, (name, got, want) in enumerate(zip(names, out + grads, ref_out + ref_grads)):
         assert got.shape == want.shape, f"{name}: shape {tuple(got.shape)}, expected {tuple(want.shape)}"
         assert got.dtype == dtype, f"{name}: dtype {got.dtype}, expected {dtype}"
         err = _max_err(got, want)
+        largest = want.abs().max().item() if want.numel() else 0.0
         if dtype == torch.float64:
-            bound = ATOL[dtype] + RTOL64 * (want.abs().max().item() if want.numel() else 0.0)
+            bound = ATOL[dtype] + RTOL64 * largest
         else:
-            torch_err = _max_err((ref_lowp_out + ref_lowp_grads)[i], want)
-            bound = 2 * torch_err + ATOL[dtype]
+            torch_err = max(_max_err(results[i], want) for results in lowp)
+            bound = 2 * torch_err + ATOL[dtype] + ulps * torch.finfo(dtype).eps * largest
         assert err <= bound, f"{name} ({dtype}): max error {err:.3g} > bound {bound:.3g}"

@@ -1,11 +1,12 @@
-"""benchmarks/compare.py (tables and comparisons of saved runs) and the harness's dtype choice."""
+"""benchmarks/compare.py (tables and comparisons of saved runs), the harness's dtype choice and the
+launcher-overhead benchmark."""
 
 import json
 
 import pytest
 import torch
 
-from benchmarks import _harness, compare  # the repository root is on sys.path: tests/ is a package
+from benchmarks import _harness, compare, launch_overhead  # the repository root is on sys.path: tests/ is a package
 
 
 def _bench(impl, median, calls=None, nbytes=2e9, flops=0):
@@ -59,3 +60,45 @@ def test_benchmark_dtypes_from_the_environment(monkeypatch):
     monkeypatch.setenv("MPFAST_BENCH_DTYPES", "float8")
     with pytest.raises(ValueError, match="MPFAST_BENCH_DTYPES: unknown dtype"):
         _harness.bench_dtypes()
+
+
+def test_peak_memory_column(tmp_path):
+    with_peak = _bench("cpp", 1e-3)
+    with_peak["extra_info"]["peak_memory_bytes"] = 3 * 2**20
+    table = compare.table(compare.load(_run(tmp_path, "run.json", [_bench("eager", 2e-3), with_peak])))
+    assert "| peak MiB |" in table
+    assert "| temporal_diff | 32x16x512 | bfloat16 | fwd | cpp | 1 |" in table and table.rstrip().endswith("| 2.00 |  | 3 |")
+
+
+def test_peak_memory_of_one_call_on_cpu():
+    """A call that holds 8 MiB at once (two 4 MiB tensors) peaks at least there, whatever was allocated before."""
+    kept = torch.empty(2**20)  # allocated before: not counted
+
+    def call():
+        a = torch.ones(2**20)
+        b = a * 2
+        return float((a + b).sum()), kept
+
+    peak = _harness.peak_memory(call, torch.device("cpu"))
+    assert 8 * 2**20 <= peak < 16 * 2**20
+
+
+def test_launch_overhead_times_every_op_without_launching(monkeypatch):
+    """Every op's path, pass and launcher is timed, and no kernel runs (a launch would raise)."""
+    from mpfast.ops import available_backends
+
+    if available_backends("cpu")["triton"] is not None:
+        pytest.skip(available_backends("cpu")["triton"])
+
+    def no_run(*args, **kwargs):
+        raise AssertionError("a kernel ran")
+
+    monkeypatch.setattr(launch_overhead, "_no_launch", no_run)  # the recorder's call: proves every launch went there
+    with pytest.raises(AssertionError, match="a kernel ran"):
+        launch_overhead.measure(calls=1, repeats=1)
+    monkeypatch.undo()
+    rows = launch_overhead.measure(calls=2, repeats=1)
+    assert {(r["op"], r["what"], r["pass_"]) for r in rows} == {
+        (op, what, pass_) for op in ("temporal_diff", "motion_mix", "prompt_attention", "class_logits (core op)")
+        for what, pass_ in (("op", "fwd"), ("op", "fwd+bwd"), ("cpp", "fwd"), ("cpp", "fwd+bwd"), ("launcher", "fwd"))}
+    assert all(r["us"][1] > 0 for r in rows)

@@ -77,6 +77,21 @@ def _pa_bwd(grad_out=None, grads=None, **kwargs):
     return grad_out, q, k, v, scale, mask, *grads
 
 
+def _cl(out=None, mask=None, scale=0.5, **changed):
+    """class_logits_fwd arguments: B=3, C=5, L=6, H=2, d=4 (``changed`` replaces inputs by name)."""
+    inputs = dict(q=torch.randn(5, 2, 4), k=torch.randn(3, 6, 2, 4), base_v=torch.randn(5, 2, 4),
+                  v=torch.randn(3, 6, 2, 4), gram=torch.randn(3, 12, 12), proj=torch.randn(3, 2, 6),
+                  base_dot=torch.randn(3, 5), base_sq=torch.rand(5) + 1)
+    inputs.update(changed)
+    return (*inputs.values(), scale, mask, torch.empty(3, 5) if out is None else out)
+
+
+def _cl_bwd(grad=None, grads=None, **changed):
+    *inputs, scale, mask, _ = _cl(**changed)
+    grads = [torch.empty(t.shape) for t in inputs] if grads is None else grads
+    return (torch.randn(3, 5) if grad is None else grad), *inputs, scale, mask, *grads
+
+
 meta = torch.device("meta")
 
 # (operator, arguments, exception, message fragment)
@@ -166,6 +181,28 @@ BAD_INPUTS = [
      "output out must not share memory with input q"),
     ("prompt_attention_bwd", lambda: (lambda args: (*args[:8], args[3]))(_pa_bwd()), ValueError,
      "output grad_v must not share memory with input v"),
+    ("class_logits_fwd", lambda: _cl(q=torch.randn(5, 8)), ValueError, r"q must have 3 dimensions \[C,H,d\]"),
+    ("class_logits_fwd", lambda: _cl(q=torch.randn(5, 2, 3)), ValueError, r"q must have shape \[C,H,d\] = \[5, 2, 4\]"),
+    ("class_logits_fwd", lambda: _cl(k=torch.randn(3, 0, 2, 4), v=torch.randn(3, 0, 2, 4)), ValueError, "L >= 1"),
+    ("class_logits_fwd", lambda: _cl(gram=torch.randn(3, 12, 11)), ValueError,
+     r"gram must have shape \[B,H\*L,H\*L\] = \[3, 12, 12\]"),
+    ("class_logits_fwd", lambda: _cl(proj=torch.randn(3, 6, 2)), ValueError, r"proj must have shape \[B,H,L\]"),
+    ("class_logits_fwd", lambda: _cl(base_sq=torch.rand(5).double()), TypeError, "base_sq must have the dtype of q"),
+    ("class_logits_fwd", lambda: _cl(base_dot=torch.randn(3, 5, device=meta)), ValueError,
+     "base_dot must be a CPU tensor"),
+    ("class_logits_fwd", lambda: _cl(mask=torch.zeros(3, 5, dtype=torch.bool)), ValueError,
+     r"key_padding_mask must have shape \[B,L\] = \[3, 6\]"),
+    ("class_logits_fwd", lambda: _cl(scale=float("inf")), ValueError, "scale must be finite"),
+    ("class_logits_fwd", lambda: _cl(out=torch.empty(5, 3)), ValueError, r"output cosine must have shape \[3, 5\]"),
+    ("class_logits_fwd", lambda: (lambda out: _cl(out=out, base_dot=out))(torch.empty(3, 5)), ValueError,
+     "output cosine must not share memory with input base_dot"),
+    ("class_logits_bwd", lambda: _cl_bwd(grad=torch.randn(5, 3)), ValueError,
+     r"grad_cosine must have shape \[B,C\] = \[3, 5\]"),
+    ("class_logits_bwd", lambda: _cl_bwd(grads=[torch.empty(s) for s in ((5, 2, 4), (3, 6, 2, 4), (5, 2, 4), (3, 6, 2, 4),
+                                                                          (3, 12, 12), (3, 6, 2), (3, 5), (5,))]),
+     ValueError, r"output grad_proj must have shape \[3, 2, 6\]"),
+    ("class_logits_bwd", lambda: (lambda args: (*args[:11], args[1], *args[12:]))(_cl_bwd()), ValueError,
+     "output grad_q must not share memory with input q"),
 ]
 
 
@@ -183,7 +220,7 @@ def test_disjoint_parts_of_one_buffer_are_accepted(ops):
     torch.testing.assert_close(out, temporal_diff_ref(x, [1, 2]), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("name", ["temporal_diff_fwd", "motion_mix_fwd", "prompt_attention_fwd"])
+@pytest.mark.parametrize("name", ["temporal_diff_fwd", "motion_mix_fwd", "prompt_attention_fwd", "class_logits_fwd"])
 def test_wrong_argument_types_raise(ops, name):
     with pytest.raises((TypeError, RuntimeError)):
         getattr(ops, name)(None, [1], None)

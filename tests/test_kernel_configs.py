@@ -64,6 +64,17 @@ def triton_next_pow2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
+def test_launchers_integer_helpers_match_tritons():
+    """The launchers' plain-Python cdiv / next_power_of_2 (Triton's cost about 2 us a call from Python)."""
+    triton = pytest.importorskip("triton")
+    from mpfast.kernels._utils import cdiv, next_power_of_2
+
+    for n in (*range(1, 300), 4095, 4096, 4097, 150528, 2**31 + 1):
+        assert next_power_of_2(n) == triton.next_power_of_2(n), n
+        for d in (1, 2, 16, 64, 100):
+            assert cdiv(n, d) == triton.cdiv(n, d), (n, d)
+
+
 @pytest.mark.parametrize("itemsize", [2, 4, 8])
 @pytest.mark.parametrize("streams,dim", [(1, 512), (2, 512), (2, 768), (2, 1024), (2, 1280), (1, 64), (2, 33)])
 def test_motion_mix_config_keeps_frames_and_streams_inside_a_thread(streams, dim, itemsize):

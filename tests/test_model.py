@@ -322,3 +322,62 @@ def test_one_class_with_every_part_awake(tiny):
 def test_bad_motion_options(options, match):
     with pytest.raises(ValueError, match=match):
         HeadConfig.from_options(**options)
+
+
+@pytest.fixture
+def fused(tiny):
+    """The tiny model on the fused path (its auto choice is the unfused one: H L >= D), heads' scales non-zero."""
+    model, *_ = tiny
+    set_gates(model)
+    model.fused_logits = True
+    return model
+
+
+def _uncached(model, frames, classes):
+    model.cache_class_side = False
+    try:
+        return model.forward_features(frames, classes)
+    finally:
+        model.cache_class_side = True
+
+
+def test_class_side_is_cached_without_gradients(fused, monkeypatch):
+    model = fused
+    calls = []
+    class_side = model.communication.class_side
+    monkeypatch.setattr(model.communication, "class_side", lambda text: calls.append(1) or class_side(text))
+    frames, classes = torch.randn(2, 4, model.dim), torch.randn(5, model.dim)
+    with torch.no_grad():
+        first = model.forward_features(frames, classes)
+        second = model.forward_features(frames[:1], classes)
+    with torch.inference_mode():
+        third = model.forward_features(frames, classes)
+    assert len(calls) == 1
+    torch.testing.assert_close(second, first[:1])
+    torch.testing.assert_close(third, first)
+    model.forward_features(frames, classes)  # gradients recorded: computed afresh
+    with torch.no_grad():
+        model.forward_features(frames, classes.clone())  # other class embeddings
+    assert len(calls) == 3
+
+
+def test_class_side_cache_follows_weights_features_and_conversions(fused):
+    model = fused
+    frames, classes = torch.randn(2, 4, model.dim), torch.randn(5, model.dim)
+    with torch.no_grad():
+        before = model.forward_features(frames, classes)
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        model.communication.text_scale.add_(0.3)  # an optimizer step: in place
+        stepped = model.forward_features(frames, classes)
+        torch.testing.assert_close(stepped, _uncached(model, frames, classes))
+        assert not torch.allclose(stepped, before)
+        model.load_state_dict(state)
+        torch.testing.assert_close(model.forward_features(frames, classes), before)
+        classes.mul_(-1)  # the class embeddings changed in place
+        torch.testing.assert_close(model.forward_features(frames, classes), _uncached(model, frames, classes))
+    model.double()
+    assert not model._class_side_cache
+    with torch.no_grad():
+        logits = model.forward_features(frames.double(), classes.double())
+    assert logits.dtype == torch.float64
+    torch.testing.assert_close(logits, _uncached(model, frames.double(), classes.double()))

@@ -10,6 +10,7 @@ from torch import nn
 import mpfast
 from mpfast.model import HeadConfig, MotionCLIP
 from mpfast.model.motion import motion_hidden, motion_strides
+from mpfast.ops.class_logits import flops as class_logits_flops
 from mpfast.ops.motion_mix import flops as motion_mix_flops
 from mpfast.ops.prompt_attention import flops as prompt_attention_flops
 from mpfast.ops.temporal_diff import flops as temporal_diff_flops
@@ -41,28 +42,27 @@ def vit_macs_per_frame(vision: dict, embed_dim: int) -> int:
     return conv + layers * per_layer + width * embed_dim + norms
 
 
-def head_macs(dim: int, frames: int, classes: int, config: HeadConfig) -> tuple[int, int]:
+def head_macs(dim: int, frames: int, classes: int, config: HeadConfig, fused: bool = False) -> tuple[int, int]:
     """(per video, per call) multiply-adds of the head, derived from the model's code by hand."""
     strides = config.strides or motion_strides(frames)
     streams, r, k, p = len(strides), motion_hidden(dim, config.motion_ratio), config.num_prompts, config.prompt_hidden
-    keys = k + frames
+    keys, heads = k + frames, config.num_heads
     # down and up per stride, state and modulation per frame, the differences
     motion = 2 * streams * frames * dim * r + 2 * frames * dim * r + sum(max(frames - s, 0) for s in strides) * dim
     mix = 2 * streams * frames * dim + frames * dim + streams * frames * dim + 3 * dim
     prompts = dim * p + p * k * dim
     video_norms = 5 * keys * dim + 5 * dim
-    communication = (
-        2 * keys * dim * dim
-        + 2 * classes * keys * dim
-        + classes * dim * dim
-        + dim * dim
-        + 2 * classes * dim
-        + dim * dim
-    )
+    video_side = 2 * keys * dim * dim + dim * dim + 2 * classes * dim + dim * dim  # keys/values, video <- text
     logits = classes * dim
-    per_video = motion + mix + prompts + video_norms + communication + logits
-    per_call = 5 * classes * dim + 4 * classes * dim * dim + streams * dim  # text norm, adapter, projections, tanh(gates)
-    return per_video, per_call
+    # text norm, adapter, projections, tanh(gates)
+    per_call = 5 * classes * dim + 4 * classes * dim * dim + streams * dim
+    if not fused:  # text_out on every (video, class) pair, the text <- video attention
+        text_side = classes * dim * dim + 2 * classes * keys * dim
+    else:  # the fold (z, its Gram matrix, z w) and the class_logits op; per call, base_v
+        lh = keys * heads
+        text_side = keys * dim * dim + lh * lh * dim + lh * dim + classes * (2 * keys * dim + lh * lh + 3 * lh)
+        per_call += classes * dim * dim
+    return motion + mix + prompts + video_norms + video_side + text_side + logits, per_call
 
 
 def test_parameters_match_the_model(tiny):
@@ -90,29 +90,30 @@ def test_linear_layer_in_both_conventions():
 
 
 class _Ops(nn.Module):
-    def forward(self, x, m, gate, q, k):
+    def forward(self, x, m, gate, q, k, gram, proj, base_dot, base_sq):
         d = mpfast.ops.temporal_diff(x, (1, 3))
         u, v, mu = mpfast.ops.motion_mix(x, m, gate)
-        return d, u, mpfast.ops.prompt_attention(q, k, k)
+        cosine = torch.ops.mpfast.class_logits(q, k, q, k, gram, proj, base_dot, base_sq, 0.5)
+        return d, u, mpfast.ops.prompt_attention(q, k, k), cosine
 
 
 def test_mpfast_ops_counted_by_both_counters_with_their_own_formulas():
     x, m, gate = torch.randn(2, 5, 6), torch.randn(2, 3, 5, 6), torch.randn(3, 6)
     q, k = torch.randn(7, 2, 3), torch.randn(2, 4, 2, 3)
-    count = count_flops(_Ops(), (x, m, gate, q, k))
-    expected_true = (
-        temporal_diff_flops(x.shape, (1, 3))
-        + motion_mix_flops(x.shape, m.shape)
-        + prompt_attention_flops(q.shape, k.shape)
-    )
+    class_inputs = torch.randn(2, 8, 8), torch.randn(2, 2, 4), torch.randn(2, 7), torch.rand(7) + 9
+    count = count_flops(_Ops(), (x, m, gate, q, k, *class_inputs))
+    matrix_type = prompt_attention_flops(q.shape, k.shape) + class_logits_flops(q.shape, k.shape)
+    expected_true = temporal_diff_flops(x.shape, (1, 3)) + motion_mix_flops(x.shape, m.shape) + matrix_type
     assert count.true == expected_true
-    assert count.fvcore == expected_true - prompt_attention_flops(q.shape, k.shape) // 2
+    assert count.fvcore == expected_true - matrix_type // 2
     assert count.fvcore_by_op["prompt_attention"] == 2 * (
         2 * 2 * 7 * 4 * 3
     )  # q k^T and p v: 2 x B H C L d multiply-adds
+    # scores and g (2 L H d), the quadratic form ((L H)^2) and three L H dot products per (video, class) pair
+    assert count.fvcore_by_op["class_logits"] == 2 * 7 * (2 * 4 * 2 * 3 + 8 * 8 + 3 * 8)
     assert count.disagreement == 0
     for skipped in count.skipped.values():
-        assert not {"temporal_diff", "motion_mix", "prompt_attention"} & set(skipped)
+        assert not {"temporal_diff", "motion_mix", "prompt_attention", "class_logits"} & set(skipped)
 
 
 def test_frame_encoder_matches_the_vit_formula_in_every_attention_mode(tiny):
@@ -143,13 +144,15 @@ def test_plain_fvcore_misses_the_fused_attention_that_we_count(tiny):
     assert plain_total < frame_encoder_flops(model, 2).fvcore
 
 
+@pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("frames,classes,prompts", [(8, 51, 8), (1, 7, 3), (5, 13, 2)])
-def test_head_matches_the_hand_derived_formula(tiny, frames, classes, prompts):
+def test_head_matches_the_hand_derived_formula(tiny, frames, classes, prompts, fused):
     model, _ = tiny
     config = HeadConfig(num_frames=frames, num_prompts=prompts)
     head = MotionCLIP(model.clip, config, None)
+    head.fused_logits = fused
     cost = head_cost(head, frames, classes)
-    per_video, per_call = head_macs(model.dim, frames, classes, config)
+    per_video, per_call = head_macs(model.dim, frames, classes, config, fused)
     assert (cost.per_video.fvcore, cost.per_call.fvcore) == (per_video, per_call)
     assert cost.at_batch_one.fvcore == per_video + per_call
     cost.per_video.check_agreement()

@@ -30,7 +30,7 @@ import mpfast
 from mpfast import ops
 
 ROOT = Path(__file__).resolve().parents[1]
-KERNEL_MODULES = ("temporal_diff", "motion_mix", "prompt_attention")
+KERNEL_MODULES = ("temporal_diff", "motion_mix", "prompt_attention", "class_logits")
 
 
 @pytest.fixture
@@ -249,6 +249,12 @@ _POINTER_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: 
                   torch.int32: "i32", torch.uint8: "u8"}
 
 
+# (keys, heads, head_dim) of class_logits: the largest key tile each dtype takes (the model's 8
+# heads of 64 over 16 keys fit in 16-bit dtypes, at half the largest tile).
+CLASS_LOGITS_SIZES = {torch.float16: (16, 8, 128), torch.bfloat16: (16, 8, 128), torch.float32: (16, 4, 64),
+                      torch.float64: (16, 2, 64)}
+
+
 def _recorded_launches() -> list[tuple[str, object, tuple, dict]]:
     """Every kernel the launchers use, at model-like sizes (attention with 400 shared class
     queries over 24 masked keys, head dim 64) and, for attention, at the largest head dim
@@ -257,7 +263,7 @@ def _recorded_launches() -> list[tuple[str, object, tuple, dict]]:
     import importlib
 
     modules = [importlib.import_module(f"mpfast.kernels.{name}") for name in KERNEL_MODULES]
-    td, mm, pa = modules
+    td, mm, pa, cl = modules
     launches = []
 
     class Recorder:
@@ -301,6 +307,13 @@ def _recorded_launches() -> list[tuple[str, object, tuple, dict]]:
             q, kv, mask = t(400, 8, widest), t(2, 256, 8, widest), torch.zeros(2, 256, dtype=torch.bool)
             run(pa, (q, kv, kv, 0.125, mask))
             run(pa, (q, kv, kv, 0.125, mask), [t(2, 400, 8, widest)])
+            keys, heads, head_dim = CLASS_LOGITS_SIZES[dtype]
+            lh = keys * heads
+            q, kv = t(400, heads, head_dim), t(4, keys, heads, head_dim)
+            args = (q, kv, q, kv, t(4, lh, lh), t(4, heads, keys), t(4, 400), t(400), 0.125,
+                    torch.zeros(4, keys, dtype=torch.bool))
+            run(cl, args)
+            run(cl, args, [t(4, 400)])
             calls += [(str(dtype).removeprefix("torch."), *launch) for launch in launches[start:]]
     finally:
         for (module, name), kernel in originals.items():
@@ -355,7 +368,7 @@ def compile_report(targets: dict[int, tuple[str, ...]]) -> list[dict]:
 
 
 # sm_90 (H100): every kernel; sm_80 (A100): the attention kernels, whose mma.sync lowering differs.
-COMPILE_TARGETS = {90: ("_",), 80: ("_prompt_attention",)}
+COMPILE_TARGETS = {90: ("_",), 80: ("_prompt_attention", "_class_logits")}
 # Shared memory one program may use (CUDA's sharedMemPerBlockOptin): A100 and H100/H200.
 SHARED_MEMORY_LIMITS = {"sm_80": 166912, "sm_90": 232448}
 
@@ -379,8 +392,8 @@ def test_kernels_compile_for_gpus(triton_backend):
     report = json.loads(result.stdout.strip().splitlines()[-1])
 
     compiled = {(r["target"], r["kernel"], r["dtype"], r["block_d"]) for r in report}
-    # per dtype: sm_90 every kernel plus the widest attention, sm_80 both attention sizes
-    assert len(compiled) == 4 * (7 + 3 + 3 + 3) == len(report), sorted(compiled)
+    # per dtype: sm_90 every kernel plus the widest attention, sm_80 both attention sizes and class_logits
+    assert len(compiled) == 4 * (7 + 3 + 3 + 3 + 3 + 3) == len(report), sorted(compiled)
     for entry in report:
         where = f"{entry['target']} {entry['kernel']} {entry['dtype']}"
         assert entry["cubin_bytes"] > 0, where

@@ -28,10 +28,22 @@ weight per class), so a model trained on one class list scores any other.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor, nn
 
-from ..ops import prompt_attention
+from ..ops import ClassFold, class_logits_folded, fold_classes, prompt_attention
+
+
+class ClassSide(NamedTuple):
+    """What the block computes from the class embeddings alone (cacheable per class list)."""
+
+    base: Tensor  # [C, D] residual base of the text side
+    query: Tensor  # [C, H, d] queries of the text <- video attention
+    key: Tensor  # [C, H, d] keys of the video <- text attention
+    value: Tensor  # [C, H, d] its values
+    fold: ClassFold | None  # the text <- video side folded for the class_logits op (None: unfused path)
 
 
 def class_contrast(text: Tensor) -> Tensor:
@@ -74,7 +86,8 @@ class MultimodalCommunicationBlock(nn.Module):
         return text + self.adapter_scale * self.adapter(class_contrast(text))
 
     def forward(self, text: Tensor, video: Tensor, frames: Tensor, prompts: Tensor) -> tuple[Tensor, Tensor]:
-        """Exchanges information between the modalities.
+        """Exchanges information between the modalities (the unfused path: the reference
+        of :meth:`logits`).
 
         Args:
             text: ``[C, D]`` class embeddings (shared by the batch).
@@ -87,20 +100,60 @@ class MultimodalCommunicationBlock(nn.Module):
         """
         num_classes, dim = text.shape
         batch = video.shape[0]
-        heads, head_dim = self.num_heads, dim // self.num_heads
-        text_normed = self.text_norm(text)
+        side = self.class_side(text, fused=False)
 
         # text <- video: class queries (shared, not copied) over prompts and frames.
-        query = self.text_query(text_normed).view(num_classes, heads, head_dim)
-        tokens = self.video_norm(torch.cat([prompts, frames], dim=1))
-        key, value = self.video_key_value(tokens).view(batch, -1, 2, heads, head_dim).unbind(2)
-        attended = prompt_attention(query, key, value).reshape(batch, num_classes, dim)
-        text_out = self.adapt_classes(text) + self.text_scale * self.text_out(attended)
+        key, value = self.video_keys_values(frames, prompts)
+        attended = prompt_attention(side.query, key, value).reshape(batch, num_classes, dim)
+        text_out = side.base + self.text_scale * self.text_out(attended)
+        return text_out, self.video_side(side, video)
 
-        # video <- text: one query per video over the classes (keys broadcast, not copied).
-        query = self.video_query(self.video_norm(video)).view(batch, 1, heads, head_dim)
+    def class_side(self, text: Tensor, fused: bool = True) -> ClassSide:
+        """The work that depends only on the class embeddings ``text [C, D]`` and the weights.
+
+        With ``fused``, also the class side of the ``class_logits`` op (:meth:`logits`).
+        """
+        num_classes, dim = text.shape
+        heads, head_dim = self.num_heads, dim // self.num_heads
+        text_normed = self.text_norm(text)
+        query = self.text_query(text_normed).view(num_classes, heads, head_dim)
         key, value = self.text_key_value(text_normed).view(num_classes, 2, heads, head_dim).unbind(1)
-        shape = (batch, num_classes, heads, head_dim)
-        attended = prompt_attention(query, key.expand(shape), value.expand(shape)).reshape(batch, dim)
-        video_out = video + self.video_scale * self.video_out(attended)
-        return text_out, video_out
+        base = self.adapt_classes(text)
+        fold = fold_classes(query, base, self.text_out.weight, self.text_out.bias, self.text_scale) if fused else None
+        return ClassSide(base, query, key, value, fold)
+
+    def video_keys_values(self, frames: Tensor, prompts: Tensor) -> tuple[Tensor, Tensor]:
+        """Keys and values ``[B, L, H, d]`` of the text <- video attention: the prompts, then the frames."""
+        batch, dim = frames.shape[0], frames.shape[-1]
+        tokens = self.video_norm(torch.cat([prompts, frames], dim=1))
+        key, value = self.video_key_value(tokens).view(batch, -1, 2, self.num_heads, dim // self.num_heads).unbind(2)
+        return key, value
+
+    def video_side(self, side: ClassSide, video: Tensor) -> Tensor:
+        """video <- text: one query per video over the classes. Returns ``v' [B, D]``.
+
+        Every video attends over the same class keys, so the batch is one attention of
+        ``B`` queries over ``C`` keys: no ``[B, C, H, d]`` expansion, whose gradient
+        would be one.
+        """
+        batch, dim = video.shape
+        _, heads, head_dim = side.key.shape
+        query = self.video_query(self.video_norm(video)).view(1, batch, heads, head_dim)
+        attended = prompt_attention(query, side.key[None], side.value[None]).reshape(batch, dim)
+        return video + self.video_scale * self.video_out(attended)
+
+    def logits(self, side: ClassSide, video: Tensor, frames: Tensor, prompts: Tensor,
+               logit_scale: Tensor | float = 1.0, logit_bias: Tensor | float | None = None) -> Tensor:
+        """Logits ``[B, C]``: ``logit_scale * <normalize(v'), normalize(t')> + logit_bias`` from
+        the outputs of :meth:`forward`, computed by the ``class_logits`` op without ``[B, C, D]``
+        tensors.
+
+        Args:
+            side: :meth:`class_side` of the class embeddings (``fused=True``).
+            video, frames, prompts: as :meth:`forward`.
+        """
+        if side.fold is None:
+            raise ValueError("logits needs class_side(text, fused=True)")
+        key, value = self.video_keys_values(frames, prompts)
+        return class_logits_folded(side.fold, key, value, self.text_out.weight, self.text_scale,
+                                   self.video_side(side, video), logit_scale=logit_scale, logit_bias=logit_bias)

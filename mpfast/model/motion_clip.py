@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .communication import MultimodalCommunicationBlock
+from .communication import ClassSide, MultimodalCommunicationBlock
 from .config import HeadConfig
 from .motion import MotionModelingBlock
 from .prompts import MotionAwarePrompts
@@ -45,7 +45,24 @@ class MotionCLIP(nn.Module):
 
     With the zero-initialised gates and residual scales, an untrained MotionCLIP gives
     exactly the logits of CLIP zero-shot on mean-pooled frame embeddings.
+
+    The logits come from the fused ``class_logits`` op (:meth:`MultimodalCommunicationBlock.logits`),
+    which never forms the ``[B, C, D]`` text features; the block's unfused ``forward`` is
+    its reference. :attr:`fused_logits` chooses: ``None`` (the default) uses the op
+    while ``H * L < D`` (heads times keys, ``L = K + T``: where it does fewer
+    multiply-adds than the unfused projection), ``True``/``False`` always/never.
+
+    Without gradients (``torch.no_grad()``, ``torch.inference_mode()``) the class side of
+    the head (``text_norm``, queries, text keys and values, the op's class fold) is cached
+    per class-embedding tensor, so a batch of one video pays only its own work. An entry
+    is used only while the class embeddings hold the same values and every parameter of
+    the communication block is the same tensor at the same version: an optimizer step,
+    ``load_state_dict`` or any other in-place change makes it stale, and ``.to()``,
+    ``.half()`` and the like clear the cache.
     """
+
+    fused_logits: bool | None = None
+    cache_class_side: bool = True  # False: compute the class side on every call (FLOP counting does)
 
     def __init__(self, clip: nn.Module, config: HeadConfig | None = None, tokenizer: Callable | None = None):
         super().__init__()
@@ -61,6 +78,8 @@ class MotionCLIP(nn.Module):
         self.prompts = MotionAwarePrompts(dim, config.num_prompts, config.prompt_hidden) if config.num_prompts else None
         self.communication = MultimodalCommunicationBlock(dim, config.num_heads)
         self._class_cache: collections.OrderedDict = collections.OrderedDict()
+        self._class_side_cache: collections.OrderedDict = collections.OrderedDict()
+        self._class_side_weights: tuple = ((), [])  # the weights the cached class sides were made with
 
     @property
     def dim(self) -> int:
@@ -81,6 +100,12 @@ class MotionCLIP(nn.Module):
         if self.clip.training:
             self.clip.eval()
         return self
+
+    def _apply(self, fn, *args, **kwargs):
+        # .to(), .half(), .cuda()...: cached class sides hold tensors of the old device and dtype.
+        self._class_side_cache.clear()
+        self._class_side_weights = ((), [])
+        return super()._apply(fn, *args, **kwargs)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """The head's parameters (the CLIP encoders are frozen)."""
@@ -165,10 +190,41 @@ class MotionCLIP(nn.Module):
             raise ValueError(f"class_features must have shape [C,D] with D={self.dim}, got {tuple(class_features.shape)}")
         u, v, mu = self.motion(frames)
         prompts = self.prompts(mu) if self.prompts is not None else u.new_zeros(u.shape[0], 0, u.shape[2])
+        bias = getattr(self.clip, "logit_bias", None)
+        if self._fused(prompts.shape[1] + u.shape[1]):
+            return self.communication.logits(self.class_side(class_features), v, u, prompts, self.logit_scale(), bias)
         text, video = self.communication(class_features, v, u, prompts)
         logits = self.logit_scale() * torch.einsum("bd,bcd->bc", F.normalize(video, dim=-1), F.normalize(text, dim=-1))
-        bias = getattr(self.clip, "logit_bias", None)
         return logits if bias is None else logits + bias
+
+    def _fused(self, keys: int) -> bool:
+        if self.fused_logits is not None:
+            return bool(self.fused_logits)
+        return self.communication.num_heads * keys < self.dim
+
+    def class_side(self, class_features: Tensor) -> ClassSide:
+        """The communication block's class side of ``class_features [C, D]`` (fused), cached
+        when no gradient is recorded (see the class docstring)."""
+        if not self.cache_class_side or torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return self.communication.class_side(class_features)
+        params = list(self.communication.parameters())
+        if any(p.is_inference() for p in params):  # no version counter to tell a change by
+            return self.communication.class_side(class_features)
+        weights = tuple((p.data_ptr(), p._version) for p in params)
+        if weights != self._class_side_weights[0]:  # other weights: every entry is stale
+            self._class_side_cache.clear()
+            # Kept alive with the cache, so that no other tensor takes their addresses meanwhile.
+            self._class_side_weights = (weights, [p.detach() for p in params])
+        key = (class_features.data_ptr(), class_features.device, class_features.dtype, tuple(class_features.shape))
+        entry = self._class_side_cache.get(key)
+        if entry is not None and torch.equal(entry[0], class_features):
+            self._class_side_cache.move_to_end(key)
+            return entry[1]
+        side = self.communication.class_side(class_features)
+        self._class_side_cache[key] = (class_features.clone(), side)
+        if len(self._class_side_cache) > _CLASS_CACHE_SIZE:
+            self._class_side_cache.popitem(last=False)
+        return side
 
     def forward(self, video: Tensor, class_names: Sequence[str]) -> Tensor:
         """Classifies videos: ``video [B, T, 3, H, W]``, ``C`` class names -> logits ``[B, C]``."""

@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import functools
 import logging
 import os
 from typing import Any, Callable, Iterator, Mapping, Sequence
@@ -69,6 +70,9 @@ class Limits:
 
     def refusals(self, sizes: Mapping[str, Callable[..., int]], args: Sequence, dtype: torch.dtype) -> list[str]:
         """Why these forward arguments exceed the limits (empty list: they do not)."""
+        bounds = self._bounds.get(dtype)
+        if bounds is not None and all(sizes[name](*args) <= largest for name, largest in bounds):
+            return []  # the common case, checked once per call: no message to build
         reasons = []
         if dtype not in self.dtypes:
             reasons.append(f"takes {', '.join(_dtype_name(d) for d in self.dtypes)}, not {_dtype_name(dtype)}")
@@ -79,6 +83,17 @@ class Limits:
                 if value > largest:
                     reasons.append(f"takes {name} up to {largest}{where}, got {name}={value}")
         return reasons
+
+    @functools.cached_property
+    def _bounds(self) -> dict[torch.dtype, tuple[tuple[str, int], ...]]:
+        """Per dtype taken: the tightest largest value of each limited size (computed once)."""
+        bounds = {}
+        for dtype in self.dtypes:
+            merged = dict(self.max_sizes)
+            for name, largest in self.max_sizes_by_dtype.get(dtype, {}).items():
+                merged[name] = min(largest, merged.get(name, largest))
+            bounds[dtype] = tuple(merged.items())
+        return bounds
 
 
 NO_LIMITS = Limits()

@@ -44,6 +44,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 
 from ..data.transforms import preprocess_config
 from ..ops import default_strides
+from ..ops.class_logits import flops as class_logits_flops
 from ..ops.motion_mix import flops as motion_mix_flops
 from ..ops.prompt_attention import flops as prompt_attention_flops
 from ..ops.temporal_diff import flops as temporal_diff_flops
@@ -308,8 +309,14 @@ def _fvcore_prompt_attention(inputs, outputs) -> int:
     return prompt_attention_flops(_jit_shape(inputs[0]), _jit_shape(inputs[1])) // 2
 
 
+def _fvcore_class_logits(inputs, outputs) -> int:
+    # class_logits.flops counts true FLOPs (matrix-type work): halve for multiply-adds.
+    return class_logits_flops(_jit_shape(inputs[0]), _jit_shape(inputs[1])) // 2
+
+
 def _fvcore_handles() -> dict[str, Callable]:
     return {
+        "mpfast::class_logits": _fvcore_class_logits,
         "aten::scaled_dot_product_attention": _fvcore_sdpa,
         "aten::_native_multi_head_attention": _fvcore_mha,
         "mpfast::temporal_diff": _fvcore_temporal_diff,
@@ -580,7 +587,13 @@ def head_flops(model: nn.Module, num_frames: int, num_classes: int, batch: int =
     p = model.motion.gate
     frames = torch.randn(batch, num_frames, model.dim, device=p.device, dtype=p.dtype)
     classes = torch.randn(num_classes, model.dim, device=p.device, dtype=p.dtype)
-    return _strip_model_prefix(count_flops(_Head(model), (frames, classes), num_frames=num_frames))
+    # Both counters see the class side (it is counted as per call; at inference MotionCLIP
+    # caches it per class list).
+    cache, model.cache_class_side = model.cache_class_side, False
+    try:
+        return _strip_model_prefix(count_flops(_Head(model), (frames, classes), num_frames=num_frames))
+    finally:
+        model.cache_class_side = cache
 
 
 @dataclasses.dataclass
@@ -590,8 +603,10 @@ class HeadCost:
     Attributes:
         per_video: added by each video of a batch (grows with C, T and L = K + T).
         per_call: paid once per forward call whatever the batch size (class-side
-            projections of the class features, which depend only on the class list).
-        at_batch_one: the whole head at batch 1 (``per_video + per_call``).
+            projections of the class features, which depend only on the class list and
+            the weights: at inference MotionCLIP caches them per class list, so a call
+            with a cached list pays ``per_video`` alone).
+        at_batch_one: the whole head at batch 1 with a new class list (``per_video + per_call``).
     """
 
     per_video: FlopCount

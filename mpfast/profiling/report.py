@@ -399,7 +399,8 @@ def render_markdown(report: dict) -> str:
         "on one frame and multiplied by T (frames are encoded independently, so this is exact). *fvcore-style*: "
         "one multiply-add = one FLOP (what papers print). *true*: a multiply-add = two FLOPs. Each counter's "
         "own convention is exact; the other column is converted. Head *per video* = what each extra video adds; "
-        "*per call* = class-side work paid once per forward whatever the batch size; *batch 1* = both.",
+        "*per call* = class-side work paid once per forward whatever the batch size (cached per class list at "
+        "inference: a call with a cached list pays *per video* alone); *batch 1* = both.",
         "",
         "| part | T | GFLOPs fvcore-style (fvcore / FlopCounterMode) | true GFLOPs (fvcore / FlopCounterMode) "
         "| counters differ |",
@@ -489,9 +490,12 @@ def render_markdown(report: dict) -> str:
             )
         lines += [
             "",
-            "Per video, in multiply-adds: C·D² (text_out) + 2·C·L·D (text ← video attention) + 2·L·D² "
-            "(video keys/values) + 3·C·D (video ← text attention, logits) + O(T·D²/2) (motion block); per call: "
-            "3·C·D² (class-side query, key and value projections).",
+            "Per video, in multiply-adds, with the class_logits op (H heads, H·L < D): C·(2·L·D + (H·L)²) "
+            "(scores, g and the quadratic form of each (video, class) pair) + L·D² + (H·L)²·D (values folded "
+            "through the output projection, their Gram matrix) + 2·L·D² (video keys/values) + 3·C·D (video ← text "
+            "attention, logits) + O(T·D²/2) (motion block); per call: 4·C·D² (class-side query, key and value "
+            "projections, the op's class fold). The unfused head paid C·D² + 2·C·L·D per video instead of the "
+            "first two terms.",
             "",
         ]
     lines += [

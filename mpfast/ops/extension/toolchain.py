@@ -23,10 +23,10 @@ from pathlib import Path
 import torch
 
 KINDS = ("cpp", "cuda")
-HEADERS = ("mpfast.h", "dispatch.h", "cpu_utils.h", "cuda_utils.cuh", "bindings.cpp")
+HEADERS = ("mpfast.h", "dispatch.h", "cpu_utils.h", "cpu_attention.h", "cuda_utils.cuh", "bindings.cpp")
 SOURCES = {
-    "cpp": ("bindings.cpp", "temporal_diff.cpp", "motion_mix.cpp", "prompt_attention.cpp"),
-    "cuda": ("bindings_cuda.cpp", "temporal_diff.cu", "motion_mix.cu", "prompt_attention.cu"),
+    "cpp": ("bindings.cpp", "temporal_diff.cpp", "motion_mix.cpp", "prompt_attention.cpp", "class_logits.cpp"),
+    "cuda": ("bindings_cuda.cpp", "temporal_diff.cu", "motion_mix.cu", "prompt_attention.cu", "class_logits.cu"),
 }
 CXX_FLAGS = ("-O3", "-fopenmp", "-ffp-contract=fast", "-fno-math-errno", "-Wno-psabi")
 LD_FLAGS = ("-fopenmp",)
