@@ -231,6 +231,11 @@ def _no_state(model) -> None:
     _freeze(model.motion.state, model.motion.modulation)
 
 
+def _no_content_scale(model) -> None:
+    _zero(model.motion.content_scale)
+    _freeze(model.motion.content_scale)
+
+
 def _no_adapter(model) -> None:
     _zero(model.communication.adapter_scale)
     _freeze(model.communication.adapter_scale, model.communication.adapter)
@@ -240,6 +245,7 @@ def _no_adapter(model) -> None:
 ABLATIONS: dict[str, tuple[dict, Callable | None]] = {
     "no_motion_stream": ({}, _no_motion),
     "no_state": ({}, _no_state),
+    "no_content_scale": ({}, _no_content_scale),
     "one_stride": ({"strides": (1,)}, None),
     "no_prompts": ({"num_prompts": 0}, None),
     "no_text_to_video": ({}, _no_text_to_video),

@@ -42,6 +42,7 @@ def test_ablations_freeze_their_part_and_keep_zero_shot(name, clip):
     # untrained, every ablation is still CLIP zero-shot on mean-pooled frames
     torch.testing.assert_close(model.forward_features(frames, classes), full.forward_features(frames, classes))
     frozen = {"no_motion_stream": [model.motion.up.weight], "no_state": [model.motion.state.weight],
+              "no_content_scale": [model.motion.content_scale],
               "no_text_to_video": [model.communication.text_scale], "no_video_to_text": [model.communication.video_scale],
               "no_class_adapter": [model.communication.adapter_scale]}.get(name, [])
     for parameter in frozen:

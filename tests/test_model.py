@@ -29,6 +29,7 @@ def set_gates(model, value=0.5):
         model.communication.video_scale.fill_(value)
         model.communication.adapter_scale.fill_(value)
         model.motion.position.normal_()
+        model.motion.content_scale.normal_(std=0.1)
         if model.prompts is not None:
             model.prompts.fc2.weight.normal_(std=0.1)
 
@@ -56,7 +57,7 @@ def test_static_video_has_zero_motion(tiny):
     frames = torch.randn(2, 1, model.dim).expand(2, 4, model.dim)
     u, v, mu = model.motion(frames)
     assert torch.count_nonzero(mu) == 0
-    torch.testing.assert_close(u, frames + model.motion.position, rtol=0, atol=0)
+    torch.testing.assert_close(u, frames * (1 + model.motion.content_scale) + model.motion.position, rtol=0, atol=0)
 
 
 def test_reversing_time_changes_logits_only_with_gates(tiny):

@@ -20,7 +20,7 @@ class HeadConfig:
 
     num_frames: int = 8  # frames per video; length of the temporal position embedding
     strides: tuple[int, ...] | None = None  # temporal-difference strides; None: powers of two below num_frames
-    motion_ratio: int = 4  # motion bottleneck width is max(D // motion_ratio, 64)
+    motion_ratio: int = 4  # motion bottleneck width is max(D // motion_ratio, 128)
     motion_floor: float = 0.01  # floor of the motion scales, relative to the RMS of the frame embeddings
     num_prompts: int = 8  # K motion-aware prompt vectors per video; 0: the text attends to the frames only
     prompt_hidden: int = 64  # hidden width of the dynamic prompts learner
