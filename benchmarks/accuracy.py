@@ -406,14 +406,15 @@ def markdown(results: dict) -> str:
                 counts = ", ".join(f"{lr:g} x{chosen.count(lr)}" for lr in sorted(set(chosen)))
                 lines.append(f"- {row}: {counts}")
     schedule = (f"lr chosen per head, task and seed from {list(grid)} on {settings['val_fraction']:.0%} of each "
-                f"class's training videos" if len(grid) > 1 else f"lr {settings['lr']}")
+                f"class's training videos" if len(grid) > 1 else f"one lr for every head, {settings['lr']:g}")
     lines += ["", f"Top-1 on the test videos, mean ± standard deviation over seeds {results['seeds']} (each seed draws "
               f"its own videos and initialises the heads); "
               f"{settings['model']} with random weights; {settings['train_per_class']} training and "
               f"{settings['test_per_class']} test videos per class; {settings['epochs']} epochs, batch "
               f"{settings['batch_size']}, {schedule}, {settings['warmup_steps']} warm-up steps. "
               f"params: trainable parameters at the benchmark's width and at ViT-B/16's (D = 512, 8 frames, "
-              f"400 classes for the classifier heads).",
+              f"400 classes for the classifier heads). The peers read per-video standardised frames "
+              f"(`<peer>_raw` rows: the raw frames, on request).",
               f"{m['cpu']} ({m['cpus']} CPUs), torch {m['torch']}; {results['workers']} worker processes; "
               f"{results['seconds']:.0f} s in all ({results['cpu_seconds']:.0f} s of CPU time in the workers); "
               f"load average {results['load_average_before'][0]:.1f} before, "
