@@ -30,6 +30,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -444,7 +445,11 @@ class Trainer:
                 self.scaler.update()
             else:
                 self.optimizer.step()
-        self.scheduler.step()
+            self.scheduler.step()
+        else:  # no readable video in the global batch: the schedule still moves on with the step count
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
+                self.scheduler.step()
         self.step += 1
         return {"loss_sum": totals[0].item(), "correct": totals[1].item(), "count": count}
 
