@@ -47,9 +47,10 @@ class MotionModelingBlock(nn.Module):
     Spatial stream: ``h = f * (1 + a) + P`` with a zero-initialised per-channel content
     scale ``a`` and temporal position embedding ``P``: the scale lets training turn down
     the channels of the frames that carry appearance the task does not need (clutter,
-    distractors) and up the ones it does; on the accuracy benchmark's clutter task it
-    and a bottleneck of at least 128 channels together were worth about +0.05 top-1. The
-    two are mixed by the ``motion_mix`` op through zero-initialised ``tanh`` gates, one
+    distractors) and up the ones it does. On the accuracy benchmark's clutter task it and a
+    bottleneck of at least 128 channels together moved top-1 from 0.605 to 0.650 (three
+    seeds); ablated from the final head, the scale alone is worth 0.012 there, within the
+    seed spread. The two are mixed by the ``motion_mix`` op through zero-initialised ``tanh`` gates, one
     per stride and channel: ``u_t = h_t + sum_s tanh(gamma_s) m_{s,t}``,
     ``v = normalize(mean_t u_t)``, ``mu = mean_{s,t} m_{s,t}``.
 
