@@ -50,9 +50,10 @@ class MotionModelingBlock(nn.Module):
     distractors) and up the ones it does. On the accuracy benchmark's clutter task it and a
     bottleneck of at least 128 channels together moved top-1 from 0.605 to 0.650 (three
     seeds); ablated from the final head, the scale alone is worth 0.012 there, within the
-    seed spread. The two are mixed by the ``motion_mix`` op through zero-initialised ``tanh`` gates, one
-    per stride and channel: ``u_t = h_t + sum_s tanh(gamma_s) m_{s,t}``,
-    ``v = normalize(mean_t u_t)``, ``mu = mean_{s,t} m_{s,t}``.
+    seed spread. The two streams are mixed by the ``motion_mix`` op through
+    zero-initialised ``tanh`` gates, one per stride and channel:
+    ``u_t = h_t + sum_s tanh(gamma_s) m_{s,t}``, ``v = normalize(mean_t u_t)``,
+    ``mu = mean_{s,t} m_{s,t}``.
 
     Args:
         dim: CLIP embedding width D.
