@@ -64,7 +64,12 @@ class FeatureHead(nn.Module):
 
 
 def standardise(frames: Tensor) -> Tensor:
-    """Frames ``[B, T, D]`` centred over time and divided by their RMS over the video (zeros for a static video)."""
+    """Frames ``[B, T, D]`` centred over time and divided by their RMS over the video.
+
+    Zeros where the centred frames are exactly zero; there is no floor (unlike the motion
+    head's), so the rounding residue of a static video is scaled up like any change. Every
+    video of the benchmark moves.
+    """
     centred = frames - frames.mean(dim=1, keepdim=True)
     return centred / centred.pow(2).mean(dim=(1, 2), keepdim=True).sqrt().clamp_min(torch.finfo(frames.dtype).tiny)
 

@@ -1,12 +1,13 @@
 """benchmarks/accuracy.py: its heads, ablations, verdict and tables, and (slow) a small run of it."""
 
 import json
+import types
 
 import pytest
 import torch
 
 from benchmarks import accuracy
-from benchmarks.accuracy_heads import ABLATIONS, PEERS, FeatureHead
+from benchmarks.accuracy_heads import ABLATIONS, PEERS, FeatureHead, standardise
 from mpfast.model import HeadConfig, MotionCLIP
 
 
@@ -92,6 +93,33 @@ def test_bad_arguments():
         accuracy.parse_args(["--workers", "0"])
     with pytest.raises(SystemExit):
         accuracy.parse_args(["--tasks", "juggling"])
+    for bad in (["--lr-grid", "1e-2", "0"], ["--lr", "-1"], ["--val-fraction", "1"]):
+        with pytest.raises(SystemExit):
+            accuracy.parse_args(bad)
+    assert accuracy.parse_args(["--lr-grid", "1e-3", "1e-2"]).lr_grid == [1e-3, 1e-2]
+
+
+def test_standardised_frames():
+    frames = torch.randn(3, 8, 16) + 5
+    out = standardise(frames)
+    torch.testing.assert_close(out.mean(dim=1), torch.zeros(3, 16), rtol=0, atol=1e-5)
+    torch.testing.assert_close(out.pow(2).mean(dim=(1, 2)), torch.ones(3))
+    torch.testing.assert_close(standardise(100 * frames - 3), out, rtol=1e-4, atol=1e-5)
+    assert torch.count_nonzero(standardise(torch.ones(2, 8, 16))) == 0  # exactly static: zeros, not NaN
+    # No floor (unlike the motion head's): a static video's rounding residue comes out at unit scale.
+    assert torch.isfinite(standardise(torch.randn(2, 1, 16).expand(2, 8, 16))).all()
+    torch.testing.assert_close(standardise(frames.flip(1)), out.flip(1))  # frame order is kept
+
+
+def test_validation_split_is_per_class_and_repeatable():
+    labels = torch.tensor([0] * 8 + [1] * 4 + [2] * 2)
+    cache = types.SimpleNamespace(indices=torch.arange(100, 100 + len(labels)), labels=labels)
+    fit, held = accuracy.validation_split(cache, seed=3, fraction=0.25)
+    assert sorted(fit + held) == cache.indices.tolist() and not set(fit) & set(held)
+    held_labels = [int(labels[i - 100]) for i in held]
+    assert held_labels.count(0) == 2 and held_labels.count(1) == 1 and held_labels.count(2) == 1  # >= 1, < all
+    assert accuracy.validation_split(cache, seed=3, fraction=0.25) == (fit, held)
+    assert accuracy.validation_split(cache, seed=4, fraction=0.25) != (fit, held)
 
 
 @pytest.mark.slow
