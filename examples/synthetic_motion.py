@@ -91,9 +91,9 @@ def main() -> None:
     parser.add_argument("--train-per-class", type=int, default=128)
     parser.add_argument("--test-per-class", type=int, default=32)
     parser.add_argument("--frames", type=int, default=8, help="frames per clip T")
-    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--epochs", type=int, default=TrainConfig.epochs)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--lr", type=float, default=TrainConfig.lr)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timing-model", default="ViT-B-32",
                         help="model of the cache speed-up measurement (random weights; 'mpfast-tiny' is quicker)")
@@ -131,7 +131,7 @@ def main() -> None:
     zero_shot, _, _ = evaluate(model, FeatureDataset(test_cache), names)
     probe = linear_probe(train_cache, test_cache)
 
-    config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, warmup_steps=20, seed=args.seed,
+    config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                          log_every=20, progress=not args.no_progress)
     trainer = Trainer(model, names, FeatureDataset(train_cache, train=True, seed=args.seed), config,
                       output_dir=out / "motion", model_info={"model": args.model, "init_seed": args.seed},

@@ -232,7 +232,7 @@ def tiny_head(tiny_model_name):
     return model
 
 
-@pytest.mark.parametrize("prompts", [8, 1])
+@pytest.mark.parametrize("prompts", [8, 1, 0])
 def test_fused_model_matches_unfused_in_float64(backend, device, tiny_model_name, prompts):
     """Every head parameter random (no zero residual scale or gate): logits and every
     parameter's gradient of the fused path equal the unfused block's."""

@@ -70,7 +70,7 @@ def test_every_option_has_help_and_its_default_is_shown():
     out = mpfast("train", "--help")
     assert out.returncode == 0
     flat = " ".join(out.stdout.split())
-    for needle in ("--epochs EPOCHS passes over the training set (default: 10)", "(default: 0.001)",
+    for needle in ("--epochs EPOCHS passes over the training set (default: 30)", "(default: 0.003)",
                    "--amp {none,bf16,fp16}", "exit codes: 0 success; 2 usage or input error", "1 runtime error",
                    "130 interrupted"):
         assert needle in flat, needle

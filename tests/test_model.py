@@ -22,11 +22,16 @@ def video(batch=2, frames=4, size=32):
 
 
 def set_gates(model, value=0.5):
+    """Wakes every zero-initialised part of the head up."""
     with torch.no_grad():
         model.motion.gate.fill_(value)
         model.communication.text_scale.fill_(value)
         model.communication.video_scale.fill_(value)
+        model.communication.adapter_scale.fill_(value)
         model.motion.position.normal_()
+        model.motion.content_scale.normal_(std=0.1)
+        if model.prompts is not None:
+            model.prompts.fc2.weight.normal_(std=0.1)
 
 
 def clip_zero_shot(clip, tokenizer, videos, classes, template="a video of a person {}."):
@@ -52,7 +57,7 @@ def test_static_video_has_zero_motion(tiny):
     frames = torch.randn(2, 1, model.dim).expand(2, 4, model.dim)
     u, v, mu = model.motion(frames)
     assert torch.count_nonzero(mu) == 0
-    torch.testing.assert_close(u, frames + model.motion.position, rtol=0, atol=0)
+    torch.testing.assert_close(u, frames * (1 + model.motion.content_scale) + model.motion.position, rtol=0, atol=0)
 
 
 def test_reversing_time_changes_logits_only_with_gates(tiny):
@@ -221,6 +226,103 @@ def test_eval_transform_matches_open_clip_preprocess(tiny_model_name):
     frame = (torch.stack([x, y, (x + y) / 2], dim=-1) * 255).round().to(torch.uint8)
     expected = preprocess(Image.fromarray(frame.numpy()))
     torch.testing.assert_close(eval_tf(frame[None])[0], expected, atol=0.05, rtol=0)
+
+
+def moving(frames=8, batch=2, dim=32, step=0.05, seed=0):
+    """Frame embeddings that drift along one random direction per video (a 'motion')."""
+    generator = torch.Generator().manual_seed(seed)
+    base = torch.randn(batch, 1, dim, generator=generator)
+    direction = torch.randn(batch, 1, dim, generator=generator)
+    return base + step * torch.arange(frames).view(1, frames, 1) * direction
+
+
+def test_default_strides_are_powers_of_two_below_the_frame_count():
+    from mpfast.model.motion import motion_strides
+
+    assert motion_strides(8) == (1, 2, 4)
+    assert motion_strides(16) == (1, 2, 4, 8)
+    assert motion_strides(5) == (1, 2, 4)
+    assert motion_strides(2) == motion_strides(1) == (1,)
+    model = MotionCLIP(open_clip.create_model("mpfast-tiny"), HeadConfig(num_frames=16, num_heads=4))
+    assert model.motion.strides == (1, 2, 4, 8) and model.motion.gate.shape == (4, 32)
+
+
+def test_motion_is_zero_where_a_stride_has_no_partner_frame(tiny):
+    model, *_ = tiny
+    set_gates(model)
+    m = model.motion.motion(moving(frames=4))
+    assert model.motion.strides == (1, 2)
+    assert torch.count_nonzero(m[:, 0, 3]) == 0 and torch.count_nonzero(m[:, 1, 2:]) == 0
+    assert m[:, 0, :3].abs().sum() > 0 and m[:, 1, :2].abs().sum() > 0
+
+
+def test_motion_ignores_the_scale_of_the_embeddings(tiny):
+    model, *_ = tiny
+    frames = moving()
+    torch.testing.assert_close(model.motion.motion(1000 * frames), model.motion.motion(frames), rtol=1e-4, atol=1e-5)
+
+
+def test_noise_of_a_static_video_stays_small(tiny):
+    # The per-video scale has a floor (1 % of the frames' RMS): codec noise of a static
+    # video is not blown up to the size of real motion, as a per-vector norm would.
+    model, *_ = tiny
+    generator = torch.Generator().manual_seed(1)
+    static = torch.randn(2, 1, model.dim, generator=generator).expand(2, 8, model.dim)
+    noisy = static + 1e-5 * torch.randn(2, 8, model.dim, generator=generator)
+    real = model.motion.motion(moving(dim=model.dim)).norm()
+    assert model.motion.motion(noisy).norm() < 0.01 * real
+    model.motion.floor = 0.0
+    assert model.motion.motion(noisy).norm() > 0.1 * real
+
+
+def test_prompts_do_not_train_the_motion_stream(tiny):
+    model, *_ = tiny
+    set_gates(model)
+    mu = torch.randn(2, model.dim, requires_grad=True)
+    prompts = model.prompts(mu)
+    prompts.sum().backward()
+    assert mu.grad is None and model.prompts.fc1.weight.grad is not None
+
+
+def test_untrained_model_without_prompts_is_clip_zero_shot(tiny_model_name):
+    model, _, _, tokenizer = mpfast.create_model_and_transforms(tiny_model_name, num_frames=4, num_heads=4, num_prompts=0)
+    assert model.prompts is None
+    x = video()
+    torch.testing.assert_close(model(x, CLASSES), clip_zero_shot(model.clip, tokenizer, x, CLASSES), rtol=1e-5, atol=1e-5)
+    set_gates(model)
+    assert torch.isfinite(model(x, CLASSES)).all()
+
+
+def test_class_contrast_adapter():
+    from mpfast.model.communication import class_contrast
+
+    text = torch.randn(5, 8)
+    contrast = class_contrast(text)
+    torch.testing.assert_close(contrast.mean(dim=0), torch.zeros(8), rtol=0, atol=1e-6)
+    torch.testing.assert_close(contrast.pow(2).mean(), torch.tensor(1.0))
+    torch.testing.assert_close(class_contrast(3 * text + 1), contrast)
+    assert torch.count_nonzero(class_contrast(text[:1])) == 0  # one class: nothing to contrast
+
+
+def test_one_class_with_every_part_awake(tiny):
+    model, *_ = tiny
+    set_gates(model)
+    logits = model(video(), CLASSES[:1])
+    assert logits.shape == (2, 1) and torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize(
+    "options,match",
+    [
+        ({"norm_eps": 1e-6}, r"head option\(s\) \['norm_eps'\] belong to an earlier design"),
+        ({"motion_floor": -0.1}, "motion_floor must be a finite number >= 0"),
+        ({"motion_floor": float("nan")}, "motion_floor must be a finite number >= 0"),
+        ({"num_prompts": -1}, "num_prompts must be an int >= 0"),
+    ],
+)
+def test_bad_motion_options(options, match):
+    with pytest.raises(ValueError, match=match):
+        HeadConfig.from_options(**options)
 
 
 @pytest.fixture

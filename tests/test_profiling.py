@@ -9,6 +9,7 @@ from torch import nn
 
 import mpfast
 from mpfast.model import HeadConfig, MotionCLIP
+from mpfast.model.motion import motion_hidden, motion_strides
 from mpfast.ops.class_logits import flops as class_logits_flops
 from mpfast.ops.motion_mix import flops as motion_mix_flops
 from mpfast.ops.prompt_attention import flops as prompt_attention_flops
@@ -43,16 +44,18 @@ def vit_macs_per_frame(vision: dict, embed_dim: int) -> int:
 
 def head_macs(dim: int, frames: int, classes: int, config: HeadConfig, fused: bool = False) -> tuple[int, int]:
     """(per video, per call) multiply-adds of the head, derived from the model's code by hand."""
-    strides = config.strides or mpfast.ops.default_strides(frames)
-    streams, r, k, p = len(strides), dim // config.motion_ratio, config.num_prompts, config.prompt_hidden
+    strides = config.strides or motion_strides(frames)
+    streams, r, k, p = len(strides), motion_hidden(dim, config.motion_ratio), config.num_prompts, config.prompt_hidden
     keys, heads = k + frames, config.num_heads
-    motion = 2 * streams * frames * dim * r + sum(max(frames - s, 0) for s in strides) * dim
+    # down and up per stride, state and modulation per frame, the differences
+    motion = 2 * streams * frames * dim * r + 2 * frames * dim * r + sum(max(frames - s, 0) for s in strides) * dim
     mix = 2 * streams * frames * dim + frames * dim + streams * frames * dim + 3 * dim
     prompts = dim * p + p * k * dim
     video_norms = 5 * keys * dim + 5 * dim
     video_side = 2 * keys * dim * dim + dim * dim + 2 * classes * dim + dim * dim  # keys/values, video <- text
     logits = classes * dim
-    per_call = 5 * classes * dim + 3 * classes * dim * dim + streams * dim  # text norm, projections, tanh(gates)
+    # text norm, adapter, projections, tanh(gates)
+    per_call = 5 * classes * dim + 4 * classes * dim * dim + streams * dim
     if not fused:  # text_out on every (video, class) pair, the text <- video attention
         text_side = classes * dim * dim + 2 * classes * keys * dim
     else:  # the fold (z, its Gram matrix, z w) and the class_logits op; per call, base_v

@@ -69,7 +69,8 @@ def kernel_launches(monkeypatch, triton_backend):
 
 
 def _train(model, frames, classes, labels, backend: str, steps: int) -> list[float]:
-    optimizer = torch.optim.SGD(model.trainable_parameters(), lr=0.5, momentum=0.9)
+    # lr 0.5 diverged from the third step with the issue-11 head (0.1 trains steadily)
+    optimizer = torch.optim.SGD(model.trainable_parameters(), lr=0.1, momentum=0.9)
     losses = []
     with ops.backend(backend):
         for _ in range(steps):

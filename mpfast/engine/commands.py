@@ -35,6 +35,7 @@ from .shards import STORAGE_DTYPES
 from .trainer import AMP_MODES, TrainConfig, Trainer, check_output_dir, evaluate
 
 logger = logging.getLogger("mpfast.engine")
+_DEFAULTS = TrainConfig()  # the CLI's training defaults are the library's
 
 DEFAULT_MODEL = "ViT-B-32"
 DEFAULT_NUM_FRAMES = 8
@@ -110,10 +111,10 @@ def add_commands(subparsers) -> None:
     group.add_argument("--val-list", default=None, metavar="FILE",
                        help="evaluated after every epoch with the same classes (default: none)")
     group.add_argument("--output", required=True, metavar="DIR", help="checkpoint and metrics.jsonl folder")
-    group.add_argument("--epochs", type=positive_int, default=10, help="passes over the training set")
-    group.add_argument("--lr", type=positive_float, default=1e-3, help="peak learning rate of AdamW")
+    group.add_argument("--epochs", type=positive_int, default=_DEFAULTS.epochs, help="passes over the training set")
+    group.add_argument("--lr", type=positive_float, default=_DEFAULTS.lr, help="peak learning rate of AdamW")
     group.add_argument("--weight-decay", type=nonnegative_float, default=0.05, help="AdamW weight decay")
-    group.add_argument("--warmup-steps", type=nonnegative_int, default=0,
+    group.add_argument("--warmup-steps", type=nonnegative_int, default=_DEFAULTS.warmup_steps,
                        help="steps of linear learning-rate warm-up before the cosine decay")
     group.add_argument("--amp", choices=AMP_MODES, default="none",
                        help="autocast dtype of the head (fp16 needs CUDA); the CLIP's dtype is --precision")

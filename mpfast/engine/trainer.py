@@ -61,11 +61,11 @@ _CHECKPOINT_NAME, _METRICS_NAME = "last.safetensors", "metrics.jsonl"
 class TrainConfig:
     """Options of :class:`Trainer`."""
 
-    epochs: int = 10  # passes over the training set
+    epochs: int = 30  # passes over the training set
     batch_size: int = 32  # global batch: split evenly over the processes
-    lr: float = 1e-3  # peak learning rate of AdamW
+    lr: float = 3e-3  # peak learning rate of AdamW
     weight_decay: float = 0.05  # AdamW weight decay
-    warmup_steps: int = 0  # linear warm-up steps from 0 to lr
+    warmup_steps: int = 20  # linear warm-up steps from 0 to lr
     min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio at the last step
     amp: str = "none"  # autocast dtype of the head: "none", "bf16" or "fp16" (CUDA only)
     grad_clip: float = 1.0  # max gradient norm; 0 turns clipping off

@@ -73,8 +73,9 @@ class MotionCLIP(nn.Module):
         self.clip = clip.eval().requires_grad_(False)
         self.tokenizer = tokenizer
         dim = embedding_dim(clip)
-        self.motion = MotionModelingBlock(dim, config.num_frames, config.strides, config.motion_ratio, config.norm_eps)
-        self.prompts = MotionAwarePrompts(dim, config.num_prompts, config.prompt_hidden)
+        self.motion = MotionModelingBlock(dim, config.num_frames, config.strides, config.motion_ratio,
+                                          config.motion_floor)
+        self.prompts = MotionAwarePrompts(dim, config.num_prompts, config.prompt_hidden) if config.num_prompts else None
         self.communication = MultimodalCommunicationBlock(dim, config.num_heads)
         self._class_cache: collections.OrderedDict = collections.OrderedDict()
         self._class_side_cache: collections.OrderedDict = collections.OrderedDict()
@@ -85,9 +86,19 @@ class MotionCLIP(nn.Module):
         return self.motion.position.shape[1]
 
     def train(self, mode: bool = True) -> "MotionCLIP":
-        """Sets the head's mode; the frozen CLIP always stays in eval mode."""
-        super().train(mode)
-        self.clip.eval()
+        """Sets the head's mode; the frozen CLIP always stays in eval mode.
+
+        Only the head's modules are visited (the trainer calls this every step; walking
+        the CLIP's hundreds of modules each time cost as much as the head's forward).
+        """
+        if not isinstance(mode, bool):
+            raise ValueError(f"training mode must be a bool, got {mode!r}")
+        self.training = mode
+        for child in self.children():
+            if child is not self.clip:
+                child.train(mode)
+        if self.clip.training:
+            self.clip.eval()
         return self
 
     def _apply(self, fn, *args, **kwargs):
@@ -178,7 +189,7 @@ class MotionCLIP(nn.Module):
         if class_features.dim() != 2 or class_features.shape[-1] != self.dim:
             raise ValueError(f"class_features must have shape [C,D] with D={self.dim}, got {tuple(class_features.shape)}")
         u, v, mu = self.motion(frames)
-        prompts = self.prompts(mu)
+        prompts = self.prompts(mu) if self.prompts is not None else u.new_zeros(u.shape[0], 0, u.shape[2])
         bias = getattr(self.clip, "logit_bias", None)
         if self._fused(prompts.shape[1] + u.shape[1]):
             return self.communication.logits(self.class_side(class_features), v, u, prompts, self.logit_scale(), bias)
