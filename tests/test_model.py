@@ -60,6 +60,23 @@ def test_static_video_has_zero_motion(tiny):
     torch.testing.assert_close(u, frames * (1 + model.motion.content_scale) + model.motion.position, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("kind", ["static", "zeros", "one_frame"])
+def test_degenerate_videos_give_finite_gradients(tiny, kind):
+    """A static video, all-zero frames and T = 1 have zero motion scales: the gradients reaching
+    the frames (an unfrozen encoder) and the class embeddings (one class) must be finite, not NaN."""
+    model, *_ = tiny
+    set_gates(model)
+    frames = {"static": torch.randn(2, 1, model.dim).expand(2, 4, model.dim).clone(),
+              "zeros": torch.zeros(2, 4, model.dim), "one_frame": torch.randn(2, 1, model.dim)}[kind]
+    frames.requires_grad_()
+    u, v, mu = model.motion(frames)
+    (u.square().sum() + v.sum() + mu.sum()).backward()
+    assert torch.isfinite(frames.grad).all()
+    text = torch.randn(1, model.dim, requires_grad=True)
+    mpfast.model.communication.class_contrast(text).sum().backward()
+    assert torch.isfinite(text.grad).all()
+
+
 def test_reversing_time_changes_logits_only_with_gates(tiny):
     model, *_ = tiny
     x = video()

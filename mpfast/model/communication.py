@@ -34,6 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from ..ops import ClassFold, class_logits_folded, fold_classes, prompt_attention
+from .motion import rms
 
 
 class ClassSide(NamedTuple):
@@ -49,8 +50,7 @@ class ClassSide(NamedTuple):
 def class_contrast(text: Tensor) -> Tensor:
     """``[C, D]`` class embeddings centred over the classes, divided by one RMS (zeros for C = 1)."""
     centred = text - text.mean(dim=0, keepdim=True)
-    rms = centred.pow(2).mean().sqrt()
-    return centred / rms.clamp_min(torch.finfo(text.dtype).tiny)
+    return centred / rms(centred, (0, 1)).clamp_min(torch.finfo(text.dtype).tiny)
 
 
 class MultimodalCommunicationBlock(nn.Module):

@@ -11,6 +11,14 @@ from ..ops import motion_mix, temporal_diff
 MIN_MOTION_HIDDEN = 128  # the motion bottleneck is never narrower than this (128 = D // 4 at ViT-B widths)
 
 
+def rms(x: Tensor, dim: int | tuple[int, ...]) -> Tensor:
+    """Root mean square of ``x`` over ``dim`` (kept). Where it is zero (a static video, an
+    all-zero input) its gradient is zero, not the NaN of ``sqrt`` at zero."""
+    mean_square = x.pow(2).mean(dim=dim, keepdim=True)
+    nonzero = mean_square > 0
+    return torch.where(nonzero, mean_square, 1).sqrt() * nonzero
+
+
 def motion_strides(num_frames: int) -> tuple[int, ...]:
     """Default strides: the powers of two below ``T`` (``(1, 2, 4)`` for 8 frames), at least ``(1,)``."""
     strides, k = [1], 2
@@ -87,12 +95,12 @@ class MotionModelingBlock(nn.Module):
     def motion(self, frames: Tensor) -> Tensor:
         """The motion stream ``m [B, S, T, D]`` of frame embeddings ``[B, T, D]``."""
         num_frames = frames.shape[1]
-        floor = self.floor * frames.pow(2).mean(dim=(1, 2), keepdim=True).sqrt()  # [B, 1, 1]
+        floor = self.floor * rms(frames, (1, 2))  # [B, 1, 1]
         tiny = torch.finfo(frames.dtype).tiny
         delta = temporal_diff(frames, self.strides)  # [B, S, T, D]; 0 where t + k_s >= T
-        delta = delta / (delta.pow(2).mean(dim=-1, keepdim=True).sqrt() + floor[:, None]).clamp_min(tiny)
+        delta = delta / (rms(delta, -1) + floor[:, None]).clamp_min(tiny)
         centred = frames - frames.mean(dim=1, keepdim=True)
-        centred = centred / (centred.pow(2).mean(dim=(1, 2), keepdim=True).sqrt() + floor).clamp_min(tiny)
+        centred = centred / (rms(centred, (1, 2)) + floor).clamp_min(tiny)
         change = self.down(delta)
         steps = torch.arange(num_frames, device=frames.device)
         paired = torch.stack([steps + k < num_frames for k in self.strides]).to(change.dtype)  # frame t + k_s exists
