@@ -57,7 +57,7 @@ from torch import nn
 
 from mpfast.data import ClipTransform, SamplingConfig, VideoDataset, read_list
 from mpfast.data.synthetic import TASKS, get_task, make_synthetic_dataset
-from mpfast.engine import FeatureDataset, TrainConfig, Trainer, build_cache, evaluate
+from mpfast.engine import FeatureDataset, NonFiniteError, TrainConfig, Trainer, build_cache, evaluate
 from mpfast.engine.cache import FeatureCache, weights_digest
 from mpfast.model import HeadConfig, MotionCLIP, create_model_and_transforms
 
@@ -267,14 +267,25 @@ def train_and_score(row: str, seed: int, settings: Settings, task: dict[str, Any
         fit, held = validation_split(train_cache, seed, settings.val_fraction)
         held_out = FeatureDataset(train_cache, positions=held)
         for candidate in settings.lr_grid:
-            validation[candidate] = _score(_fit(row, seed, settings, task, candidate, fit), held_out, task["classes"])
+            try:
+                validation[candidate] = _score(_fit(row, seed, settings, task, candidate, fit), held_out,
+                                               task["classes"])
+            except NonFiniteError:  # training diverged at this rate: it cannot be chosen
+                validation[candidate] = (-math.inf, math.inf)
         lr = max(settings.lr_grid, key=lambda c: (validation[c][0], -validation[c][1]))
-    model = _fit(row, seed, settings, task, lr)
+        if validation[lr][0] == -math.inf:
+            raise RuntimeError(f"{row} on {task['task']} (seed {seed}) diverged at every rate of the lr grid "
+                               f"{list(settings.lr_grid)}: add lower rates")
+    try:
+        model = _fit(row, seed, settings, task, lr)
+    except NonFiniteError as error:
+        raise RuntimeError(f"{row} on {task['task']} (seed {seed}) diverged at lr {lr:g}: {error}") from error
     top1, _ = _score(model, FeatureDataset(load_cache(task["caches"]["test"])), task["classes"])
     if not math.isfinite(top1):
         raise RuntimeError(f"{row} on {task['task']} (seed {seed}) gave a non-finite top-1")
     return {"task": task["task"], "row": row, "seed": seed, "top1": top1, "lr": lr if row != "zero_shot" else None,
-            "validation_top1": {str(c): v[0] for c, v in validation.items()}, "seconds": time.perf_counter() - started}
+            "validation_top1": {str(c): v[0] if math.isfinite(v[0]) else None for c, v in validation.items()},
+            "seconds": time.perf_counter() - started}
 
 
 # --------------------------------------------------------------------------- running

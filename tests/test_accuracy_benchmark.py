@@ -122,6 +122,33 @@ def test_validation_split_is_per_class_and_repeatable():
     assert accuracy.validation_split(cache, seed=4, fraction=0.25) != (fit, held)
 
 
+def test_a_diverging_rate_of_the_lr_grid_is_not_chosen(monkeypatch):
+    """A rate whose training diverges loses the selection; a grid where every rate diverges is an error."""
+    from mpfast.engine import NonFiniteError
+
+    cache = types.SimpleNamespace(indices=torch.arange(8), labels=torch.tensor([0, 1] * 4))
+    task = {"task": "t", "classes": ["a", "b"], "caches": {"train": "train", "test": "test"}}
+    diverging = {0.03}
+
+    def fit(row, seed, settings, task, lr, positions=None):
+        if lr in diverging:
+            raise NonFiniteError("non-finite loss at step 3")
+        return lr
+
+    monkeypatch.setattr(accuracy, "load_cache", lambda folder: cache)
+    monkeypatch.setattr(accuracy, "FeatureDataset", lambda *args, **kwargs: None)
+    monkeypatch.setattr(accuracy, "_fit", fit)
+    monkeypatch.setattr(accuracy, "_score", lambda model, dataset, classes: (0.5 + model, 1.0))  # higher lr scores higher
+    settings = accuracy.Settings(lr_grid=(0.001, 0.01, 0.03))
+    record = accuracy.train_and_score("conv", 0, settings, task)
+    assert record["lr"] == 0.01 and record["validation_top1"]["0.03"] is None
+    diverging.update(settings.lr_grid)
+    with pytest.raises(RuntimeError, match="diverged at every rate"):
+        accuracy.train_and_score("conv", 0, settings, task)
+    with pytest.raises(RuntimeError, match="diverged at lr 0.01"):  # one rate, no grid
+        accuracy.train_and_score("conv", 0, accuracy.Settings(lr=0.01), task)
+
+
 @pytest.mark.slow
 def test_small_run_motion_head_beats_the_peers(tmp_path):
     """A small version of the benchmark: two tasks, one seed, few videos and epochs."""
